@@ -1,0 +1,1 @@
+"""Evaluation: GenEval/DPG/GEdit/EditReward harnesses, reconstruction metrics, the Shapes suite."""
