@@ -1,0 +1,125 @@
+"""``unimm shapes``: render scenes, write the Shapes dataset, judge images, check the judge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from unimm.errors import UserError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("shapes", help="the Shapes world: render, dataset, judge, check")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", title="actions")
+    actions.required = True
+
+    render = actions.add_parser("render", help="render random scenes into one PNG (a grid when --count > 1)")
+    render.add_argument("-o", "--output", required=True, help="PNG file to write")
+    render.add_argument("--seed", type=int, default=0)
+    render.add_argument("--count", type=int, default=1)
+    render.add_argument("--resolution", type=int, default=256)
+    render.add_argument("--columns", type=int, default=4)
+    render.set_defaults(handler=run_render)
+
+    dataset = actions.add_parser("dataset", help="write text-to-image shards, edit pairs and prompt files")
+    dataset.add_argument("-o", "--output", required=True, help="output directory")
+    dataset.add_argument("--config", action="append", default=[], help="YAML delta (repeatable), e.g. configs/shapes/demo.yaml")
+    dataset.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_train=500 resolution=256")
+    dataset.set_defaults(handler=run_dataset)
+
+    judge = actions.add_parser("judge", help="print one JSON line per image with the objects found in it")
+    judge.add_argument("images", nargs="+")
+    judge.add_argument("--spec", help="a GenEval-format spec (JSON text or a .json file) to score each image against")
+    judge.set_defaults(handler=run_judge)
+
+    check = actions.add_parser("check", help="measure the judge on held-out renders and on GenEval-format prompts")
+    check.add_argument("--scenes", type=int, default=200, help="held-out scenes per condition")
+    check.add_argument("--seed", type=int, default=1234)
+    check.set_defaults(handler=run_check)
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from data.shapes.captions import short_caption
+    from data.shapes.render import render_scene
+    from data.shapes.scene import sample_scene
+
+    if args.count < 1 or args.resolution < 16:
+        raise UserError("--count must be >= 1 and --resolution >= 16")
+    scenes = [sample_scene(args.seed + i) for i in range(args.count)]
+    columns = min(args.columns, args.count)
+    rows = -(-args.count // columns)
+    sheet = Image.new("RGB", (columns * args.resolution, rows * args.resolution), (255, 255, 255))
+    for index, scene in enumerate(scenes):
+        sheet.paste(render_scene(scene, args.resolution), ((index % columns) * args.resolution, (index // columns) * args.resolution))
+        print(json.dumps({"index": index, "caption": short_caption(scene), "scene": scene.to_dict()}))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(args.output)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def run_dataset(args: argparse.Namespace) -> int:
+    from data.shapes.dataset import ShapesDatasetConfig, write_shapes_dataset
+    from unimm.config import build_config
+
+    config = build_config(ShapesDatasetConfig, args.config, args.overrides)
+    if config.resolution < 16:
+        raise UserError(f"resolution={config.resolution} is too small; use 16 or more (64 and 256 are the usual)")
+    summary = write_shapes_dataset(config, args.output, progress=sys.stderr.isatty())
+    print(json.dumps(summary))
+    return 0
+
+
+def _load_spec(text: str) -> dict:
+    path = Path(text)
+    try:
+        spec = json.loads(path.read_text() if path.suffix == ".json" and path.is_file() else text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--spec is not valid JSON ({error.msg}); pass a GenEval metadata line or a .json file") from None
+    if not isinstance(spec, dict) or "include" not in spec:
+        raise UserError('--spec must be a GenEval metadata object with an "include" list')
+    return spec
+
+
+def run_judge(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from data.shapes.judge import judge_image, score_spec
+
+    spec = _load_spec(args.spec) if args.spec else None
+    for name in args.images:
+        try:
+            with Image.open(name) as opened:
+                image = opened.convert("RGB")
+        except FileNotFoundError:
+            raise UserError(f"image '{name}' does not exist") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise UserError(f"cannot read '{name}' as an image ({error.__class__.__name__}); pass a PNG or JPEG") from None
+        judged = judge_image(image)
+        line = {"image": name, **judged.to_dict()}
+        if spec is not None:
+            correct, reasons = score_spec(judged, spec)
+            line.update({"prompt": spec.get("prompt"), "correct": correct, "reasons": reasons})
+        print(json.dumps(line))
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from data.shapes.judge_check import DEFAULT_CONDITIONS, object_accuracy, oracle_geneval
+
+    print("| condition | objects | correct | accuracy | false positives |")
+    print("|---|---|---|---|---|")
+    for condition in DEFAULT_CONDITIONS:
+        scenes = args.scenes if condition.resolution <= 64 and not condition.render_resolution else max(args.scenes // 2, 1)
+        result = object_accuracy(condition, scenes, seed=args.seed)
+        print(f"| {result.condition} | {result.objects} | {result.correct} | {result.accuracy:.4f} | {result.false_positives} |")
+    scores = oracle_geneval(resolution=64, seed=args.seed)
+    print("\nGenEval-format Shapes prompts, each laid out exactly and judged at 64 px (an ideal generator):")
+    print("| " + " | ".join(scores) + " |")
+    print("|" + "---|" * len(scores))
+    print("| " + " | ".join(f"{value:.3f}" for value in scores.values()) + " |")
+    return 0
