@@ -10,7 +10,13 @@ from collections import Counter
 import numpy as np
 
 from data.shapes.scene import Scene, ShapeObject
-from data.shapes.vocabulary import BACKGROUND_PHRASES, NUMBER_WORDS, SHAPE_PLURALS, STYLE_PHRASES, TEXTURE_PHRASES
+from data.shapes.vocabulary import (
+    BACKGROUND_PHRASES,
+    NUMBER_WORDS,
+    SHAPE_PLURALS,
+    STYLE_PHRASES,
+    TEXTURE_PHRASES,
+)
 from eval.geneval_rules import relative_position
 
 

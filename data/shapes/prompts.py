@@ -18,7 +18,16 @@ import numpy as np
 
 from data.shapes.captions import long_caption, noun_phrase, relations_between
 from data.shapes.scene import Scene, SceneSampling, ShapeObject, place_object, sample_scene
-from data.shapes.vocabulary import BACKGROUNDS, COLORS, NUMBER_WORDS, RELATIONS, SHAPES, SIZES, STYLES, TEXTURES
+from data.shapes.vocabulary import (
+    BACKGROUNDS,
+    COLORS,
+    NUMBER_WORDS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    STYLES,
+    TEXTURES,
+)
 from eval.geneval_rules import GENEVAL_TAGS
 
 # Per-tag prompt counts of the real GenEval file (553 prompts); smaller tags here when the Shapes world
