@@ -1,0 +1,158 @@
+"""`unimm shapes dataset` writes shards the project's loaders read back exactly; the CLI's contract."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.config import DataConfig
+from data.datasets import build_dataset
+from data.loader import ResumableLoader
+from data.shapes.dataset import ShapesDatasetConfig, text_to_image_sample, write_shapes_dataset
+from data.shapes.edits import EDIT_TASKS
+from data.shapes.render import render_scene
+from data.shapes.scene import Scene
+from unimm.cli import COMMAND_MODULES, build_parser, main
+
+TINY = ShapesDatasetConfig(num_train=24, num_val=8, num_edit_train=14, num_edit_val=7, samples_per_shard=10, num_dpg_items=5)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    assert main(["shapes", "dataset", "-o", str(out), "num_train=24", "num_val=8", "num_edit_train=14",
+                 "num_edit_val=7", "samples_per_shard=10", "num_dpg_items=5"]) == 0
+    return out
+
+
+def as_uint8(tensor: torch.Tensor) -> np.ndarray:
+    return ((tensor.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)
+
+
+def expected_samples(split: str, count: int) -> dict[str, dict]:
+    return {s["__key__"]: s for s in (text_to_image_sample(TINY, split, i) for i in range(count))}
+
+
+@pytest.mark.parametrize(
+    ("layout", "data_format", "caption_fields"),
+    [
+        ("t2i", "webdataset", ["json.caption_llava", "json.caption_llava_short", "txt"]),
+        ("t2i-parquet", "parquet", ["caption_llava", "caption_llava_short"]),
+    ],
+)
+def test_loaders_read_back_the_same_images_and_captions(dataset_dir, layout, data_format, caption_fields):
+    expected = expected_samples("train", 24)
+    config = DataConfig(format=data_format, shards=[str(dataset_dir / layout / "train")], caption_fields=caption_fields,
+                        resolution=64, batch_size=4, shuffle=True, seed=5)
+    loader = ResumableLoader(build_dataset(config), config)
+    seen = {}
+    for batch in loader:
+        for key, image, caption in zip(batch["key"], batch["image"], batch["caption"]):
+            seen[key] = (image, caption)
+    assert set(seen) == set(expected)
+    for key, (image, caption) in seen.items():
+        sample = expected[key]
+        reference = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        assert np.array_equal(as_uint8(image), reference)
+        assert caption in {sample["json"]["caption_llava"], sample["json"]["caption_llava_short"], sample["txt"]}
+        scene = Scene.from_dict(sample["json"]["scene"])
+        assert np.array_equal(reference, np.asarray(render_scene(scene, 64)))  # the stored scene graph is exact
+    assert loader.skip_report() == {"delivered": 24, "skipped": {}, "skipped_total": 0}
+
+
+def test_edit_parquet_has_omniedit_layout_and_loads(dataset_dir):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted((dataset_dir / "edit" / "train").glob("*.parquet"))[0])
+    for column in ("omni_edit_id", "task", "src_img", "edited_img", "edited_prompt_list", "width", "height",
+                   "sc_score_1", "sc_score_2", "pq_score", "o_score"):
+        assert column in table.column_names
+    config = DataConfig(format="parquet", kind="edit", shards=[str(dataset_dir / "edit" / "train")], resolution=64,
+                        batch_size=7, shuffle=False)
+    batches = list(ResumableLoader(build_dataset(config), config))
+    tasks = [task for batch in batches for task in batch["task"]]
+    assert sorted(tasks) == sorted(list(EDIT_TASKS) * 2)
+    assert batches[0]["source_image"].shape == (7, 3, 64, 64)
+
+
+def test_prompt_files_and_resolved_config(dataset_dir):
+    prompts = [json.loads(line) for line in (dataset_dir / "geneval_shapes.jsonl").read_text().splitlines()]
+    assert {p["tag"] for p in prompts} == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    header = (dataset_dir / "dpg_shapes.csv").read_text().splitlines()[0]
+    assert header.startswith("item_id,text,keywords,proposition_id,dependency,category_broad")
+    saved = (dataset_dir / "config.yaml").read_text()
+    assert "num_train: 24" in saved and "spec_fraction: 0.25" in saved
+
+
+def test_dataset_is_deterministic(tmp_path):
+    first = write_shapes_dataset(TINY, tmp_path / "a", progress=False)
+    second = write_shapes_dataset(TINY, tmp_path / "b", progress=False)
+    assert first["t2i_train"] == second["t2i_train"] == 24
+    for relative in ("t2i/train/shard-000000.tar", "edit/val/shard-000000.parquet", "geneval_shapes.jsonl"):
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes()
+
+
+def test_help_lists_only_registered_working_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listed = capsys.readouterr().out
+    registered = set(build_parser()._subparsers._group_actions[0].choices)
+    assert registered == {module.rsplit(".", 1)[1].removesuffix("_command") for module in COMMAND_MODULES}
+    assert registered == {"shapes", "data"}
+    for name in ("generate", "edit", "train", "train-tokenizer", "eval", "export", "info", "demo"):
+        assert f"    {name} " not in listed  # not built yet, so not registered
+
+
+def test_judge_prints_one_json_line_per_image(tmp_path, capsys):
+    from data.shapes.scene import ShapeObject
+
+    paths = []
+    for index, color in enumerate(("red", "blue")):
+        scene = Scene((ShapeObject("triangle", color, "large", 0.3, 0.3), ShapeObject("circle", "white", "small", 0.75, 0.75)))
+        path = tmp_path / f"image{index}.png"
+        render_scene(scene, 128).save(path)
+        paths.append(str(path))
+    spec = '{"include": [{"class": "triangle", "count": 1, "color": "red"}], "prompt": "a photo of a red triangle"}'
+    assert main(["shapes", "judge", *paths, "--spec", spec]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == paths
+    assert [(o["shape"], o["color"]) for o in lines[0]["objects"]] == [("triangle", "red"), ("circle", "white")]
+    assert [line["correct"] for line in lines] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["shapes", "judge", "missing.png"], "image 'missing.png' does not exist"),
+        (["shapes", "judge", "{not_an_image}"], "cannot read"),
+        (["shapes", "dataset", "-o", "{out}", "num_trian=3"], "did you mean 'num_train'"),
+        (["shapes", "dataset", "-o", "{out}", "--config", "nope.yaml"], "does not exist"),
+        (["shapes", "judge", "{image}", "--spec", "{{bad json"], "--spec is not valid JSON"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_without_traceback(tmp_path, argv, fragment):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    image = tmp_path / "ok.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(image)
+    argv = [a.format(not_an_image=not_an_image, out=tmp_path / "out", image=image) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "unimm", *argv], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr
+
+
+def test_render_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["shapes", "render", "-o", str(out), "--count", "6", "--resolution", "64", "--columns", "3"]) == 0
+    assert Image.open(out).size == (192, 128)
+    assert len(capsys.readouterr().out.splitlines()) == 6
