@@ -46,7 +46,7 @@ def test_defaults_without_deltas():
 
 
 def test_yaml_delta_then_overrides_in_order(tmp_path):
-    base = write(tmp_path / "base.yaml", "train:\n  batch_size: 32\n  optim:\n    lr: 3.0e-4\n")
+    write(tmp_path / "base.yaml", "train:\n  batch_size: 32\n  optim:\n    lr: 3.0e-4\n")
     child = write(tmp_path / "child.yaml", "_base_: base.yaml\nname: child\ntrain:\n  optim:\n    warmup_steps: 10\n")
     config = build_config(RunConfig, [child], ["train.optim.lr=1e-4", "train.shards=[a.tar, b.tar]", "train.precision=fp32"])
     assert config.name == "child"

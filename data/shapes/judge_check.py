@@ -7,6 +7,7 @@ Hungarian matching) with the right shape and colour; extra detections are counte
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,23 +68,28 @@ class JudgeAccuracy:
         return self.correct / max(self.objects, 1)
 
 
+def _match(scene, detected, size: int) -> tuple[int, int, int]:
+    """(objects, correctly found objects, false positives) for one image."""
+    distances = np.array(
+        [[np.hypot(o.x * size - d.center[0], o.y * size - d.center[1]) for d in detected] for o in scene.objects]
+    ).reshape(len(scene.objects), len(detected))
+    rows, cols = linear_sum_assignment(distances) if detected else ((), ())
+    correct = sum(
+        1
+        for row, col in zip(rows, cols)
+        if distances[row, col] < 0.05 * size
+        and (scene.objects[row].shape, scene.objects[row].color) == (detected[col].shape, detected[col].color)
+    )
+    return len(scene.objects), correct, max(len(detected) - len(scene.objects), 0)
+
+
 def object_accuracy(condition: Condition, num_scenes: int, seed: int = 0) -> JudgeAccuracy:
     objects = correct = false_positives = 0
     for index in range(num_scenes):
         scene = sample_scene(sample_rng(seed, "judge-check", index))
         image = degrade(render_scene(scene, condition.render_resolution or condition.resolution), condition)
-        detected = judge_image(image).objects
-        size = condition.resolution
-        distances = np.array(
-            [[np.hypot(o.x * size - d.center[0], o.y * size - d.center[1]) for d in detected] for o in scene.objects]
-        ).reshape(len(scene.objects), len(detected))
-        rows, cols = linear_sum_assignment(distances) if detected else ((), ())
-        objects += len(scene.objects)
-        false_positives += max(len(detected) - len(scene.objects), 0)
-        for row, col in zip(rows, cols):
-            truth, found = scene.objects[row], detected[col]
-            if distances[row, col] < 0.05 * size and (truth.shape, truth.color) == (found.shape, found.color):
-                correct += 1
+        result = _match(scene, judge_image(image).objects, condition.resolution)
+        objects, correct, false_positives = objects + result[0], correct + result[1], false_positives + result[2]
     return JudgeAccuracy(condition.name, objects, correct, false_positives)
 
 
@@ -95,3 +101,25 @@ def oracle_geneval(resolution: int = 64, seed: int = 0) -> dict[str, float]:
         correct, _ = score_spec(render_scene(scene, resolution), spec)
         results.append({"tag": spec["tag"], "correct": correct})
     return summarize(results)
+
+
+def dataset_accuracy(shards: str, limit: int | None = None) -> JudgeAccuracy:
+    """Judge the images of a written Shapes text-to-image split against the scene graphs stored with them.
+
+    Reads the shards through the project's own index (the loader's path), so it also checks the data."""
+    from data.config import DataConfig
+    from data.index import ShardIndex
+    from data.shapes.scene import Scene
+
+    index = ShardIndex.build(DataConfig(format="webdataset", shards=[shards]))
+    objects = correct = false_positives = 0
+    resolution = None
+    count = index.num_samples if limit is None else min(limit, index.num_samples)
+    for sample_id in range(count):
+        record = index.read_record(sample_id)
+        image = Image.open(io.BytesIO(record["png"])).convert("RGB")
+        resolution = image.size[0]
+        scene = Scene.from_dict(json.loads(record["json"])["scene"])
+        result = _match(scene, judge_image(image).objects, resolution)
+        objects, correct, false_positives = objects + result[0], correct + result[1], false_positives + result[2]
+    return JudgeAccuracy(f"{count} images of {shards} ({resolution}px)", objects, correct, false_positives)

@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     render.add_argument("--count", type=int, default=1)
     render.add_argument("--resolution", type=int, default=256)
     render.add_argument("--columns", type=int, default=4)
+    render.add_argument("--json", action="store_true", help="print each scene graph as a JSON line instead of its caption")
     render.set_defaults(handler=run_render)
 
     dataset = actions.add_parser("dataset", help="write text-to-image shards, edit pairs and prompt files")
@@ -37,6 +38,7 @@ def register(subparsers) -> None:
     check = actions.add_parser("check", help="measure the judge on held-out renders and on GenEval-format prompts")
     check.add_argument("--scenes", type=int, default=200, help="held-out scenes per condition")
     check.add_argument("--seed", type=int, default=1234)
+    check.add_argument("--dataset", help="also judge a written text-to-image split (e.g. runs/demo/shapes/t2i/val) against its scene graphs")
     check.set_defaults(handler=run_check)
 
 
@@ -55,7 +57,10 @@ def run_render(args: argparse.Namespace) -> int:
     sheet = Image.new("RGB", (columns * args.resolution, rows * args.resolution), (255, 255, 255))
     for index, scene in enumerate(scenes):
         sheet.paste(render_scene(scene, args.resolution), ((index % columns) * args.resolution, (index // columns) * args.resolution))
-        print(json.dumps({"index": index, "caption": short_caption(scene), "scene": scene.to_dict()}))
+        if args.json:
+            print(json.dumps({"index": index, "caption": short_caption(scene), "scene": scene.to_dict()}))
+        else:
+            print(f"[{index}] {short_caption(scene)}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.output)
     print(f"wrote {args.output}", file=sys.stderr)
@@ -109,14 +114,21 @@ def run_judge(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from data.shapes.judge_check import DEFAULT_CONDITIONS, object_accuracy, oracle_geneval
+    from data.shapes.judge_check import DEFAULT_CONDITIONS, dataset_accuracy, object_accuracy, oracle_geneval
 
-    print("| condition | objects | correct | accuracy | false positives |")
+    if args.scenes < 1:
+        raise UserError("--scenes must be at least 1")
+    dataset_result = dataset_accuracy(args.dataset) if args.dataset else None  # fails early on a bad path
+    print("Program judge, per-object accuracy (shape and colour right, centre within 5% of the side):")
+    print("| images | objects | correct | accuracy | false positives |")
     print("|---|---|---|---|---|")
+    if dataset_result is not None:
+        result = dataset_result
+        print(f"| {result.condition} | {result.objects} | {result.correct} | {result.accuracy:.4f} | {result.false_positives} |")
     for condition in DEFAULT_CONDITIONS:
         scenes = args.scenes if condition.resolution <= 64 and not condition.render_resolution else max(args.scenes // 2, 1)
         result = object_accuracy(condition, scenes, seed=args.seed)
-        print(f"| {result.condition} | {result.objects} | {result.correct} | {result.accuracy:.4f} | {result.false_positives} |")
+        print(f"| {scenes} held-out scenes, {result.condition} | {result.objects} | {result.correct} | {result.accuracy:.4f} | {result.false_positives} |")
     scores = oracle_geneval(resolution=64, seed=args.seed)
     print("\nGenEval-format Shapes prompts, each laid out exactly and judged at 64 px (an ideal generator):")
     print("| " + " | ".join(scores) + " |")
