@@ -44,3 +44,8 @@ class DataConfig:
     max_image_pixels: int = 64_000_000
     min_image_side: int = 8
     max_aspect_ratio: float = 8.0
+    # Tar shards are indexed from their headers once and the tables cached here, keyed by each shard's
+    # path, size and modification time (a changed shard is re-indexed). Empty string: no cache.
+    index_cache_dir: str = "~/.cache/unimm/shard-index"
+    # Threads that index shards in parallel on the first run (the work is I/O: header reads and seeks).
+    index_threads: int = 8

@@ -13,12 +13,15 @@ positions of that order (``rank_positions``).
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import re
 import tarfile
+import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +169,43 @@ def scan_tar_shard(path: Path) -> TarShardTable:
     return TarShardTable(path, keys, fields, offsets, sizes, truncated)
 
 
+def _tar_cache_path(path: Path, cache_dir: Path) -> Path:
+    status = path.stat()
+    identity = f"{path.resolve()}|{status.st_size}|{status.st_mtime_ns}"
+    return cache_dir / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.npz"
+
+
+def cached_scan_tar_shard(path: Path, cache_dir: Path | None) -> TarShardTable:
+    """``scan_tar_shard`` through an on-disk cache of plain arrays (read with ``allow_pickle=False``).
+
+    A cache entry is keyed by the shard's resolved path, size and mtime, so a rewritten shard is
+    re-indexed; an unreadable or unwritable cache only costs the scan, never the run."""
+    if cache_dir is None or not path.is_file():
+        return scan_tar_shard(path)
+    cache_path = _tar_cache_path(path, cache_dir)
+    try:
+        with np.load(cache_path, allow_pickle=False) as cached:
+            return TarShardTable(
+                path, cached["keys"].tolist(), cached["fields"].tolist(), cached["offsets"], cached["sizes"],
+                bool(cached["truncated"]),
+            )
+    except (OSError, KeyError, ValueError):
+        pass
+    table = scan_tar_shard(path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+        with os.fdopen(descriptor, "wb") as handle:
+            np.savez(
+                handle, keys=np.asarray(table.keys, dtype=str), fields=np.asarray(table.fields, dtype=str),
+                offsets=table.offsets, sizes=table.sizes, truncated=np.asarray(table.truncated),
+            )
+        os.replace(temporary, cache_path)
+    except OSError as error:
+        logger.warning("could not cache the index of %s in %s: %s", path, cache_dir, error)
+    return table
+
+
 def scan_parquet_shard(path: Path) -> ParquetShardTable:
     import pyarrow.parquet as pq
 
@@ -240,9 +280,15 @@ class ShardIndex:
     def build(cls, config: DataConfig) -> ShardIndex:
         paths = expand_shards(config.shards, config.format)
         if config.format == "webdataset":
-            tables = [scan_tar_shard(path) for path in paths]
+            cache_dir = Path(os.path.expanduser(config.index_cache_dir)) if config.index_cache_dir else None
+            scan = lambda path: cached_scan_tar_shard(path, cache_dir)  # noqa: E731
         else:
-            tables = [scan_parquet_shard(path) for path in paths]
+            scan = scan_parquet_shard
+        if len(paths) > 1 and config.index_threads > 1:
+            with ThreadPoolExecutor(max_workers=min(config.index_threads, len(paths))) as pool:
+                tables = list(pool.map(scan, paths))  # map keeps the sorted shard order
+        else:
+            tables = [scan(path) for path in paths]
         return cls(config.format, tables)
 
     @property

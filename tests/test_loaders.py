@@ -513,3 +513,30 @@ def test_inspect_reports_counts_fields_and_skips(data_cli, tmp_path, capsys):
     assert "first sample: good0000: " in output and "png (" in output and "txt (" in output
     assert f"data: {GOOD_COUNT} samples delivered, 10 skipped (" in output
     assert data_cli(["data", "inspect", config.shards[0], "format=parquet"]) == 2
+
+
+def test_tar_index_cache_hits_and_invalidates(tmp_path):
+    """The cached index equals a fresh scan, is reused, and is rebuilt when the shard changes."""
+    import os
+
+    from data.index import _tar_cache_path, cached_scan_tar_shard, scan_tar_shard
+    from data.shards import write_webdataset_shards
+
+    samples = [{"__key__": f"s{i:03d}", "txt": f"caption {i}", "png": bytes([i]) * (10 + i)} for i in range(30)]
+    (shard,) = write_webdataset_shards(samples, tmp_path / "shards", samples_per_shard=100)
+    cache = tmp_path / "cache"
+    first = cached_scan_tar_shard(shard, cache)
+    entry = _tar_cache_path(shard, cache)
+    assert entry.is_file()
+    fresh = scan_tar_shard(shard)
+    again = cached_scan_tar_shard(shard, cache)
+    for table in (first, again):
+        assert table.keys == fresh.keys and table.fields == fresh.fields
+        assert np.array_equal(table.offsets, fresh.offsets) and np.array_equal(table.sizes, fresh.sizes)
+    # Rewrite the shard with fewer samples: a new size/mtime means a new cache entry, not a stale table.
+    (shard,) = write_webdataset_shards(samples[:5], tmp_path / "shards", samples_per_shard=100)
+    os.utime(shard, ns=(entry.stat().st_mtime_ns + 10**9, entry.stat().st_mtime_ns + 10**9))
+    assert cached_scan_tar_shard(shard, cache).keys == [f"s{i:03d}" for i in range(5)]
+    # A corrupt cache entry is ignored and rewritten.
+    _tar_cache_path(shard, cache).write_bytes(b"not an npz")
+    assert cached_scan_tar_shard(shard, cache).keys == [f"s{i:03d}" for i in range(5)]
