@@ -47,5 +47,6 @@ class DataConfig:
     # Tar shards are indexed from their headers once and the tables cached here, keyed by each shard's
     # path, size and modification time (a changed shard is re-indexed). Empty string: no cache.
     index_cache_dir: str = "~/.cache/unimm/shard-index"
-    # Threads that index shards in parallel on the first run (the work is I/O: header reads and seeks).
-    index_threads: int = 8
+    # Threads that index shards on a first (uncached) run. On a local disk the scan is CPU-bound and one
+    # thread is fastest (scripts/bench_index.py); raise it only where each seek is slow (network storage).
+    index_threads: int = 1

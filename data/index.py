@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import re
-import tarfile
 import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -124,6 +123,75 @@ class ParquetShardTable:
         return [rows for rows in self.row_group_rows if rows > 0]
 
 
+TAR_BLOCK = 512
+_REGULAR_FILE_TYPES = (b"0", b"\0", b"7")
+
+
+def _octal_field(field_bytes: bytes) -> int:
+    """A numeric tar header field: octal text, or GNU base-256 when the high bit is set (huge files)."""
+    if field_bytes[0] & 0x80:
+        return int.from_bytes(bytes([field_bytes[0] & 0x7F]) + field_bytes[1:], "big")
+    text = field_bytes.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(records: bytes) -> bytes | None:
+    """The ``path`` of a pax extended header (records are ``"<length> <key>=<value>\\n"``)."""
+    position = 0
+    while position < len(records):
+        space = records.find(b" ", position)
+        if space < 0:
+            break
+        length = int(records[position:space])
+        key, _, value = records[space + 1 : position + length - 1].partition(b"=")
+        if key == b"path":
+            return value
+        position += length
+    return None
+
+
+def iterate_tar_members(path: Path):
+    """Yield ``(name, data_offset, size)`` for each regular file of an uncompressed tar, reading only
+    the 512-byte headers and seeking over the data (ustar, GNU long names and pax paths). Returns
+    ``truncated`` (True when the archive breaks off or a header is damaged) through StopIteration."""
+    with open(path, "rb") as handle:
+        file_size = os.fstat(handle.fileno()).st_size
+        offset = 0
+        long_name: bytes | None = None
+        while True:
+            handle.seek(offset)
+            header = handle.read(TAR_BLOCK)
+            if len(header) < TAR_BLOCK:
+                return len(header) > 0 or offset < file_size
+            if header.count(0) == TAR_BLOCK:
+                return False  # end-of-archive marker
+            stored_checksum = _octal_field(header[148:156])
+            if stored_checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+                if offset == 0:
+                    raise ValueError("not a tar archive: the first header's checksum does not match")
+                return True  # damaged header: index what came before, as for a truncated shard
+            size = _octal_field(header[124:136])
+            typeflag = header[156:157]
+            data_offset = offset + TAR_BLOCK
+            offset = data_offset + -(-size // TAR_BLOCK) * TAR_BLOCK
+            if typeflag in (b"L", b"x"):  # the next member's real name
+                handle.seek(data_offset)
+                payload = handle.read(size)
+                long_name = payload.split(b"\0", 1)[0] if typeflag == b"L" else _pax_path(payload)
+                continue
+            if typeflag not in _REGULAR_FILE_TYPES:
+                long_name = None
+                continue
+            name = header[:100].split(b"\0", 1)[0]
+            if header[257:262] == b"ustar":
+                prefix = header[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix + b"/" + name
+            if long_name is not None:
+                name, long_name = long_name, None
+            yield name.decode("utf-8", errors="surrogateescape"), data_offset, size
+
+
 def scan_tar_shard(path: Path) -> TarShardTable:
     """List the samples of one tar from its headers; a truncated tail is indexed as far as it goes."""
     keys: list[str] = []
@@ -131,31 +199,25 @@ def scan_tar_shard(path: Path) -> TarShardTable:
     truncated = False
     try:
         file_size = path.stat().st_size
-        with tarfile.open(path, mode="r:") as archive:
-            while True:
-                try:
-                    member = archive.next()
-                except (tarfile.ReadError, EOFError, OSError):
-                    truncated = True
-                    break
-                if member is None:
-                    break
-                if not member.isfile():
-                    continue
-                parts = split_member_name(member.name)
-                if parts is None:
-                    continue
-                key, extension = parts
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                    rows.append({})
-                rows[-1][extension] = (member.offset_data, member.size)
-                if member.offset_data + member.size > file_size:
-                    truncated = True
-    except (tarfile.ReadError, OSError) as error:
-        raise UserError(
-            f"shard '{path}' cannot be read as a tar file ({error}); check or re-download it"
-        ) from None
+        members = iterate_tar_members(path)
+        while True:
+            try:
+                name, data_offset, size = next(members)
+            except StopIteration as end:
+                truncated = truncated or bool(end.value)
+                break
+            parts = split_member_name(name)
+            if parts is None:
+                continue
+            key, extension = parts
+            if not keys or keys[-1] != key:
+                keys.append(key)
+                rows.append({})
+            rows[-1][extension] = (data_offset, size)
+            if data_offset + size > file_size:
+                truncated = True
+    except (OSError, ValueError) as error:
+        raise UserError(f"shard '{path}' cannot be read as a tar file ({error}); check or re-download it") from None
     if truncated:
         logger.warning("shard %s is truncated: indexed %d samples up to the break", path, len(keys))
     fields = sorted({name for row in rows for name in row})

@@ -540,3 +540,36 @@ def test_tar_index_cache_hits_and_invalidates(tmp_path):
     # A corrupt cache entry is ignored and rewritten.
     _tar_cache_path(shard, cache).write_bytes(b"not an npz")
     assert cached_scan_tar_shard(shard, cache).keys == [f"s{i:03d}" for i in range(5)]
+
+
+@pytest.mark.parametrize("tar_format", ["ustar", "gnu", "pax"])
+def test_header_scanner_agrees_with_tarfile(tmp_path, tar_format):
+    """The fast header reader finds the same members, offsets and sizes as Python's tarfile, including
+    long names (ustar prefix, GNU 'L' records, pax 'path') and non-ASCII names; a non-tar is refused."""
+    import tarfile
+
+    from data.index import iterate_tar_members, scan_tar_shard
+
+    formats = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
+    names = ["a/b/sample0.jpg", "a/b/sample0.txt", "dir/" + "d" * 120 + "/sample1.jpg", "x" * 90 + "/" + "y" * 60 + ".txt"]
+    if tar_format != "ustar":
+        names.append("données/échantillon.json")
+        names.append("k" * 150 + ".json")
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w", format=formats[tar_format]) as archive:
+        for index, name in enumerate(names):
+            payload = bytes([index]) * (100 + 700 * index)
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+        directory = tarfile.TarInfo("a/emptydir")
+        directory.type = tarfile.DIRTYPE
+        archive.addfile(directory)
+    with tarfile.open(path) as archive:
+        expected = [(m.name, m.offset_data, m.size) for m in archive.getmembers() if m.isfile()]
+    assert list(iterate_tar_members(path)) == expected
+    assert scan_tar_shard(path).truncated is False
+    not_a_tar = tmp_path / "notes.tar"
+    not_a_tar.write_bytes(b"hello world" * 100)
+    with pytest.raises(UserError, match="cannot be read as a tar"):
+        scan_tar_shard(not_a_tar)
