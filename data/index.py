@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ import numpy as np
 
 from data.config import DataConfig
 from data.decode import REASON_TRUNCATED_SHARD, CorruptSample
+from unimm.atomic import atomic_write
 from unimm.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -255,14 +255,16 @@ def cached_scan_tar_shard(path: Path, cache_dir: Path | None) -> TarShardTable:
         pass
     table = scan_tar_shard(path)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-        with os.fdopen(descriptor, "wb") as handle:
-            np.savez(
-                handle, keys=np.asarray(table.keys, dtype=str), fields=np.asarray(table.fields, dtype=str),
-                offsets=table.offsets, sizes=table.sizes, truncated=np.asarray(table.truncated),
-            )
-        os.replace(temporary, cache_path)
+        arrays = {
+            "keys": np.asarray(table.keys, dtype=str), "fields": np.asarray(table.fields, dtype=str),
+            "offsets": table.offsets, "sizes": table.sizes, "truncated": np.asarray(table.truncated),
+        }
+
+        def write(temporary: Path) -> None:
+            with open(temporary, "wb") as handle:  # a file handle: np.savez would append ".npz" to a path
+                np.savez(handle, **arrays)
+
+        atomic_write(cache_path, write)
     except OSError as error:
         logger.warning("could not cache the index of %s in %s: %s", path, cache_dir, error)
     return table

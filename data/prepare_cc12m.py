@@ -28,7 +28,8 @@ from typing import Any
 
 from data.decode import lookup_field, parse_json
 from data.index import expand_shards, split_member_name
-from data.shards import atomic_write_file, write_tar_samples
+from data.shards import write_tar_samples
+from unimm.atomic import atomic_write
 from unimm.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ def join_shard(
             yield sample
 
     try:
-        atomic_write_file(destination, lambda temporary: write_tar_samples(temporary, joined()))
+        atomic_write(destination, lambda temporary: write_tar_samples(temporary, joined()))
     except (tarfile.ReadError, EOFError) as error:
         raise UserError(f"image shard '{source}' cannot be read ({error}); check or re-download it") from None
     return counts

@@ -11,10 +11,11 @@ import io
 import json
 import os
 import tarfile
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from unimm.atomic import atomic_write
 
 # Parquet columns that hold encoded images by default (stored as Hugging Face ``Image`` features).
 DEFAULT_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "src_img", "edited_img")
@@ -37,23 +38,6 @@ def encode_member(value: Any) -> bytes:
     raise TypeError(
         f"cannot write a {type(value).__name__} as a webdataset member; use bytes, str, dict or list"
     )
-
-
-def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary_path)`` and move the result onto ``path`` only once it is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 def write_tar_samples(path: Path, samples: Iterable[dict[str, Any]]) -> int:
@@ -105,7 +89,7 @@ def write_webdataset_shards(
     paths = []
     for index, chunk in enumerate(_chunks(samples, samples_per_shard)):
         path = out_dir / shard_name(prefix, index, "tar")
-        atomic_write_file(path, lambda temporary, chunk=chunk: write_tar_samples(temporary, chunk))
+        atomic_write(path, lambda temporary, chunk=chunk: write_tar_samples(temporary, chunk))
         paths.append(path)
     return paths
 
@@ -161,7 +145,7 @@ def write_parquet_shards(
     for index, chunk in enumerate(_chunks(rows, rows_per_shard)):
         table = rows_to_table(chunk, image_columns)
         path = out_dir / shard_name(prefix, index, "parquet")
-        atomic_write_file(
+        atomic_write(
             path,
             lambda temporary, table=table: pq.write_table(table, temporary, row_group_size=row_group_size),
         )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from unimm.atomic import atomic_write_text
 from unimm.errors import ConfigError
 
 T = TypeVar("T")
@@ -271,24 +271,6 @@ def config_to_dict(config: Any) -> Any:
 def config_from_dict(schema: type[T], data: dict[str, Any], source: str = "saved config") -> T:
     """Rebuild a config from a full dict (e.g. a run directory's ``config.yaml``), checking every key."""
     return apply_delta(schema(), data, source=source)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` so that readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 def save_resolved_config(config: Any, run_dir: str | os.PathLike) -> Path:

@@ -28,7 +28,8 @@ from data.shapes.prompts import DPG_COLUMNS, dpg_questions, geneval_prompts, sce
 from data.shapes.render import render_scene
 from data.shapes.scene import sample_scene
 from data.shards import write_parquet_shards, write_webdataset_shards
-from unimm.config import atomic_write_text, save_resolved_config
+from unimm.atomic import atomic_write_text
+from unimm.config import save_resolved_config
 
 SPLITS = ("train", "val")
 # Disjoint random streams: a sample's content depends only on (seed, stream, index), never on order.
