@@ -151,6 +151,14 @@ def test_bad_input_is_one_line_exit_2_without_traceback(tmp_path, argv, fragment
     assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr
 
 
+def test_overrides_may_sit_on_either_side_of_options(tmp_path, capsys):
+    argv = ["shapes", "dataset", "num_train=3", "-o", str(tmp_path), "num_val=2", "--config", "configs/shapes/demo.yaml",
+            "num_edit_train=7", "num_edit_val=7", "num_dpg_items=2"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["t2i_train"], summary["t2i_val"], summary["edit_train"]) == (3, 2, 7)
+
+
 def test_render_writes_a_grid(tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert main(["shapes", "render", "-o", str(out), "--count", "6", "--resolution", "64", "--columns", "3"]) == 0

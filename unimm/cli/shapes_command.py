@@ -7,12 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from unimm.cli.arguments import IntermixedArgumentParser
 from unimm.errors import UserError
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("shapes", help="the Shapes world: render, dataset, judge, check")
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", title="actions")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", title="actions", parser_class=IntermixedArgumentParser)
     actions.required = True
 
     render = actions.add_parser("render", help="render random scenes into one PNG (a grid when --count > 1)")
