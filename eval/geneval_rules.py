@@ -33,24 +33,29 @@ class Detection:
     score: float = 1.0
 
 
-def relative_position(box_a: Sequence[float], box_b: Sequence[float]) -> set[str]:
-    """Relations of A relative to B ({"left of", "right of", "above", "below"}), GenEval's rule."""
+def relative_position(
+    box_a: Sequence[float], box_b: Sequence[float], margin: float = POSITION_THRESHOLD, cutoff: float = 0.5
+) -> set[str]:
+    """Relations of A relative to B ({"left of", "right of", "above", "below"}), GenEval's rule.
+
+    ``margin`` and ``cutoff`` are GenEval's (0.1, 0.5) by default; larger values give a strict subset
+    of the relations, which data generators use so that what they state survives pixel rounding."""
     boxes = np.asarray([box_a[:4], box_b[:4]], dtype=np.float64).reshape(2, 2, 2)
     center_a, center_b = boxes.mean(axis=-2)
     dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
     offset = center_a - center_b
-    revised_offset = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
+    revised_offset = np.maximum(np.abs(offset) - margin * (dim_a + dim_b), 0) * np.sign(offset)
     if np.all(np.abs(revised_offset) < 1e-3):
         return set()
     dx, dy = revised_offset / np.linalg.norm(offset)
     relations = set()
-    if dx < -0.5:
+    if dx < -cutoff:
         relations.add("left of")
-    if dx > 0.5:
+    if dx > cutoff:
         relations.add("right of")
-    if dy < -0.5:
+    if dy < -cutoff:
         relations.add("above")
-    if dy > 0.5:
+    if dy > cutoff:
         relations.add("below")
     return relations
 

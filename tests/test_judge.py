@@ -115,3 +115,43 @@ def test_score_spec_on_rendered_images():
     right = {"include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["right of", 0]}]}
     assert score_spec(image, left) == (True, [])
     assert score_spec(image, right)[0] is False
+
+
+def test_answer_question_programs():
+    from data.shapes.judge import answer_question
+
+    scene = _scene(("circle", "red", "medium", 0.2, 0.5), ("circle", "red", "small", 0.5, 0.25), ("star", "blue", "medium", 0.8, 0.5))
+    judged = judge_image(render_scene(scene, 128))
+    assert answer_question(judged, {"op": "exists", "shape": "star"})
+    assert answer_question(judged, {"op": "exists", "shape": "star", "color": "blue"})
+    assert not answer_question(judged, {"op": "exists", "shape": "star", "color": "red"})
+    assert not answer_question(judged, {"op": "exists", "shape": "cross"})
+    assert answer_question(judged, {"op": "count", "shape": "circle", "count": 2})
+    assert not answer_question(judged, {"op": "count", "shape": "circle", "count": 3})
+    left = {"op": "relation", "relation": "left of", "subject": {"shape": "circle", "color": "red"}, "object": {"shape": "star", "color": "blue"}}
+    assert answer_question(judged, left)
+    assert not answer_question(judged, {**left, "relation": "right of"})
+    with pytest.raises(ValueError, match="unknown question program"):
+        answer_question(judged, {"op": "colour"})
+
+
+@pytest.mark.parametrize(("resolution", "minimum"), [(256, 1.0), (64, 0.99)])
+def test_dpg_questions_hold_on_their_own_scenes(resolution, minimum):
+    """Every DPG-style question is true of its scene: asked of the render, the judge answers yes."""
+    from data.shapes.judge_check import oracle_dpg
+
+    scores = oracle_dpg(num_items=40 if resolution == 256 else 100, resolution=resolution, seed=HELD_OUT_SEED)
+    assert scores["all questions"] >= minimum, scores
+
+
+def test_stated_relations_are_a_subset_of_genevals():
+    from data.shapes.captions import relations_between
+    from data.shapes.scene import sample_scene
+
+    for seed in range(200):
+        objects = sample_scene(seed).objects
+        for a in objects:
+            for b in objects:
+                if a is not b:
+                    official = relative_position([v * 256 for v in a.box], [v * 256 for v in b.box])
+                    assert relations_between(a, b) <= official

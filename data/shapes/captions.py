@@ -36,9 +36,19 @@ def join_phrases(phrases: list[str]) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+# What captions, questions and spec layouts state must also hold for the judge, which sees boxes rounded
+# to pixels: so they use GenEval's rule with slack (a wider margin and a 0.6 direction cutoff), whose
+# relations are a strict subset of the official ones.
+STATED_RELATION_MARGIN = 0.15
+STATED_RELATION_CUTOFF = 0.6
+
+
 def relations_between(a: ShapeObject, b: ShapeObject, resolution: int = 256) -> set[str]:
-    """GenEval's relations of A relative to B, on the scene's exact boxes."""
-    return relative_position([v * resolution for v in a.box], [v * resolution for v in b.box])
+    """Relations of A relative to B that hold clearly under GenEval's rule (see above)."""
+    return relative_position(
+        [v * resolution for v in a.box], [v * resolution for v in b.box],
+        margin=STATED_RELATION_MARGIN, cutoff=STATED_RELATION_CUTOFF,
+    )
 
 
 def short_caption(scene: Scene, rng: np.random.Generator | None = None) -> str:

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from data.shapes.geometry import draw_shape
 from data.shapes.vocabulary import BACKGROUND_RGB, COLOR_RGB, SHAPES, SIZE_FRACTIONS
-from eval.geneval_rules import Detection, evaluate_spec
+from eval.geneval_rules import Detection, evaluate_spec, relative_position
 
 FOREGROUND_THRESHOLD = 40.0  # RGB distance from the background model that marks an object pixel
 MIN_AREA_FRACTION = 0.005  # smaller components are JPEG fragments; the smallest object (a small star) covers ~0.009
@@ -239,3 +239,30 @@ def score_spec(image_or_judged, spec: Mapping) -> tuple[bool, list[str]]:
     """Score a GenEval-format spec (include AND, exclude OR, counting, position) on an image."""
     judged = image_or_judged if isinstance(image_or_judged, JudgedImage) else judge_image(image_or_judged)
     return evaluate_spec(judged.detections(), spec)
+
+
+def _matches(obj: JudgedObject, description: Mapping) -> bool:
+    return obj.shape == description["shape"] and ("color" not in description or obj.color == description["color"])
+
+
+def answer_question(image_or_judged, program: Mapping) -> bool:
+    """Answer one DPG-style question program (see ``data.shapes.prompts.dpg_items``) from the pixels.
+
+    ``exists``: an object of that shape (and colour); ``count``: exactly that many of the shape;
+    ``relation``: some subject/object pair stands in the relation under GenEval's position rule."""
+    judged = image_or_judged if isinstance(image_or_judged, JudgedImage) else judge_image(image_or_judged)
+    operation = program["op"]
+    if operation == "exists":
+        return any(_matches(obj, program) for obj in judged.objects)
+    if operation == "count":
+        return sum(obj.shape == program["shape"] for obj in judged.objects) == int(program["count"])
+    if operation == "relation":
+        subjects = [obj for obj in judged.objects if _matches(obj, program["subject"])]
+        references = [obj for obj in judged.objects if _matches(obj, program["object"])]
+        return any(
+            program["relation"] in relative_position(subject.box, reference.box)
+            for subject in subjects
+            for reference in references
+            if subject is not reference
+        )
+    raise ValueError(f"unknown question program op {operation!r}; expected exists, count or relation")

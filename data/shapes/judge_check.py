@@ -103,6 +103,24 @@ def oracle_geneval(resolution: int = 64, seed: int = 0) -> dict[str, float]:
     return summarize(results)
 
 
+def oracle_dpg(num_items: int = 100, resolution: int = 64, seed: int = 0) -> dict[str, float]:
+    """Each DPG-style question asked of its own scene's render: every answer should be "yes".
+
+    Returns the fraction answered yes per broad category and overall; below 1.0 means a question
+    or the judge is wrong."""
+    from data.shapes.judge import answer_question
+    from data.shapes.prompts import dpg_items, dpg_scenes
+
+    answers: dict[str, list[bool]] = {}
+    for item, scene in enumerate(dpg_scenes(num_items, seed)):
+        judged = judge_image(render_scene(scene, resolution))
+        for row in dpg_items(scene, f"shapes{item:04d}"):
+            answers.setdefault(row["category_broad"], []).append(answer_question(judged, json.loads(row["program"])))
+    scores = {category: float(np.mean(values)) for category, values in sorted(answers.items())}
+    scores["all questions"] = float(np.mean([v for values in answers.values() for v in values]))
+    return scores
+
+
 def dataset_accuracy(shards: str, limit: int | None = None) -> JudgeAccuracy:
     """Judge the images of a written Shapes text-to-image split against the scene graphs stored with them.
 

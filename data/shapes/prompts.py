@@ -203,10 +203,12 @@ def dpg_items(scene: Scene, item_id: str) -> list[dict]:
     return rows
 
 
-def dpg_questions(num_items: int = 100, seed: int = 0) -> list[dict]:
+def dpg_scenes(num_items: int = 100, seed: int = 0) -> list[Scene]:
+    """The scenes whose long captions are the dense prompts of the DPG-style question file."""
     rng = np.random.default_rng(seed)
     sampling = SceneSampling(min_objects=2, max_objects=5)
-    rows = []
-    for item in range(num_items):
-        rows.extend(dpg_items(sample_scene(rng, sampling), item_id=f"shapes{item:04d}"))
-    return rows
+    return [sample_scene(rng, sampling) for _ in range(num_items)]
+
+
+def dpg_questions(num_items: int = 100, seed: int = 0) -> list[dict]:
+    return [row for item, scene in enumerate(dpg_scenes(num_items, seed)) for row in dpg_items(scene, f"shapes{item:04d}")]

@@ -115,7 +115,13 @@ def run_judge(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from data.shapes.judge_check import DEFAULT_CONDITIONS, dataset_accuracy, object_accuracy, oracle_geneval
+    from data.shapes.judge_check import (
+        DEFAULT_CONDITIONS,
+        dataset_accuracy,
+        object_accuracy,
+        oracle_dpg,
+        oracle_geneval,
+    )
 
     if args.scenes < 1:
         raise UserError("--scenes must be at least 1")
@@ -135,4 +141,9 @@ def run_check(args: argparse.Namespace) -> int:
     print("| " + " | ".join(scores) + " |")
     print("|" + "---|" * len(scores))
     print("| " + " | ".join(f"{value:.3f}" for value in scores.values()) + " |")
+    answers = oracle_dpg(num_items=100, resolution=64, seed=args.seed)
+    print("\nDPG-style questions, each asked of its own scene's 64 px render (fraction answered yes):")
+    print("| " + " | ".join(answers) + " |")
+    print("|" + "---|" * len(answers))
+    print("| " + " | ".join(f"{value:.3f}" for value in answers.values()) + " |")
     return 0
