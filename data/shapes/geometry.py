@@ -1,12 +1,10 @@
-"""Shape outlines in a unit box, and their rasterised masks (shared by the renderer and the judge)."""
+"""Shape outlines in a unit box, drawn into any pixel box (shared by the renderer and the judge)."""
 
 from __future__ import annotations
 
-import functools
 import math
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
 
 def _star_points(points: int = 5, inner_ratio: float = 0.45) -> list[tuple[float, float]]:
@@ -41,12 +39,3 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, f
         return
     width, height = x2 - x1, y2 - y1
     draw.polygon([(x1 + u * width, y1 + v * height) for u, v in POLYGONS[shape]], fill=fill)
-
-
-@functools.lru_cache(maxsize=4096)
-def shape_template(shape: str, width: int, height: int, supersample: int = 4) -> np.ndarray:
-    """Boolean mask (height, width) of ``shape`` filling the whole box, anti-aliased then thresholded."""
-    canvas = Image.new("L", (width * supersample, height * supersample), 0)
-    draw_shape(ImageDraw.Draw(canvas), shape, (0, 0, width * supersample - 1, height * supersample - 1))
-    coverage = np.asarray(canvas, dtype=np.float32).reshape(height, supersample, width, supersample).mean((1, 3))
-    return coverage >= 127.5

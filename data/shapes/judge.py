@@ -2,9 +2,10 @@
 
 Pipeline: model the background as a smooth (quadratic) colour field fitted to the border, which the
 Shapes world keeps free of objects; mark pixels far from it as foreground; split foreground into
-connected components; for each, fill holes (outlined shapes), name the shape by the best IoU against
-each shape's template drawn in the component's box, and name the colour by un-mixing the purest pixels
-against the background (anti-aliased and JPEG-smeared pixels are mixtures of the two).
+connected components; for each, read a soft coverage map (from luminance, which JPEG keeps at full
+resolution), fill holes (outlined shapes), name the shape by the template — drawn in the component's
+box, slightly grown and blurred as resampling or JPEG would — that fits the map best, and name the
+colour by un-mixing the purest pixels against the background (edge pixels are mixtures of the two).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ MIN_AREA_FRACTION = 0.005  # smaller components are JPEG fragments; the smallest
 OUTLINE_FILL_RATIO = 0.8  # foreground / filled area below this: the object is drawn as an outline
 TEMPLATE_SUPERSAMPLE = 4
 LUMINANCE = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
-MIN_LUMINANCE_CONTRAST = 20.0
+MIN_LUMINANCE_CONTRAST = 20.0  # below this, coverage is read from full colour instead of luminance
 TEMPLATE_BLURS = (0.0, 0.7, 1.2)  # pixels: none (PNG), resampling, JPEG chroma subsampling
 
 
@@ -193,7 +194,7 @@ def judge_image(image) -> JudgedImage:
     background_model = fit_background(pixels)
     distance = np.linalg.norm(pixels - background_model, axis=-1)
     foreground = distance > FOREGROUND_THRESHOLD
-    labels, count = ndimage.label(foreground, structure=np.ones((3, 3), dtype=bool))
+    labels, _ = ndimage.label(foreground, structure=np.ones((3, 3), dtype=bool))
     ring = max(2, round(0.02 * min(height, width)))
     border_color = np.median(
         np.concatenate([background_model[:ring].reshape(-1, 3), background_model[-ring:].reshape(-1, 3)]), axis=0
@@ -235,10 +236,13 @@ def judge_image(image) -> JudgedImage:
     return judged
 
 
+def _judged(image_or_judged) -> JudgedImage:
+    return image_or_judged if isinstance(image_or_judged, JudgedImage) else judge_image(image_or_judged)
+
+
 def score_spec(image_or_judged, spec: Mapping) -> tuple[bool, list[str]]:
     """Score a GenEval-format spec (include AND, exclude OR, counting, position) on an image."""
-    judged = image_or_judged if isinstance(image_or_judged, JudgedImage) else judge_image(image_or_judged)
-    return evaluate_spec(judged.detections(), spec)
+    return evaluate_spec(_judged(image_or_judged).detections(), spec)
 
 
 def _matches(obj: JudgedObject, description: Mapping) -> bool:
@@ -250,7 +254,7 @@ def answer_question(image_or_judged, program: Mapping) -> bool:
 
     ``exists``: an object of that shape (and colour); ``count``: exactly that many of the shape;
     ``relation``: some subject/object pair stands in the relation under GenEval's position rule."""
-    judged = image_or_judged if isinstance(image_or_judged, JudgedImage) else judge_image(image_or_judged)
+    judged = _judged(image_or_judged)
     operation = program["op"]
     if operation == "exists":
         return any(_matches(obj, program) for obj in judged.objects)
