@@ -573,3 +573,15 @@ def test_header_scanner_agrees_with_tarfile(tmp_path, tar_format):
     not_a_tar.write_bytes(b"hello world" * 100)
     with pytest.raises(UserError, match="cannot be read as a tar"):
         scan_tar_shard(not_a_tar)
+
+
+def test_threaded_index_build_matches_single_thread(tmp_path):
+    from data.index import ShardIndex
+    from data.shards import write_webdataset_shards
+
+    samples = [{"__key__": f"k{i:04d}", "txt": "t", "png": bytes([i % 256]) * 20} for i in range(90)]
+    write_webdataset_shards(samples, tmp_path / "shards", samples_per_shard=10)
+    single = ShardIndex.build(DataConfig(shards=[str(tmp_path / "shards")], index_threads=1, index_cache_dir=""))
+    threaded = ShardIndex.build(DataConfig(shards=[str(tmp_path / "shards")], index_threads=4, index_cache_dir=""))
+    assert [table.path for table in threaded.shards] == [table.path for table in single.shards]
+    assert [threaded.read_record(i)["__key__"] for i in range(90)] == [f"k{i:04d}" for i in range(90)]

@@ -163,4 +163,17 @@ def test_render_writes_a_grid(tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert main(["shapes", "render", "-o", str(out), "--count", "6", "--resolution", "64", "--columns", "3"]) == 0
     assert Image.open(out).size == (192, 128)
-    assert len(capsys.readouterr().out.splitlines()) == 6
+    captions = capsys.readouterr().out.splitlines()
+    assert len(captions) == 6 and captions[0].startswith("[0] a photo of ")
+    assert main(["shapes", "render", "-o", str(out), "--count", "2", "--resolution", "64", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["index"] for line in lines] == [0, 1]
+    assert Scene.from_dict(lines[1]["scene"]).objects  # a full scene graph, readable back
+
+
+def test_check_command_prints_judge_tables(dataset_dir, capsys):
+    assert main(["shapes", "check", "--scenes", "2", "--dataset", str(dataset_dir / "t2i" / "val")]) == 0
+    out = capsys.readouterr().out
+    assert "8 images of" in out and "| 2 held-out scenes, 64px |" in out
+    assert "| color_attr | colors | counting | position | single_object | two_object | overall |" in out
+    assert "DPG-style questions" in out and "all questions" in out
