@@ -158,3 +158,13 @@ def test_dpg_rows_have_dpg_columns_and_dependencies():
         else:
             assert {int(d) for d in row["dependency"].split(",")} <= entity_ids
     assert any(row["question_natural_language"] == "Are there two circles?" for row in rows)
+
+
+def test_scene_for_spec_respects_restricted_sampling():
+    from data.shapes.scene import SceneSampling
+
+    sampling = SceneSampling(backgrounds=("slate",), textures=("plain",), styles=("outline",), texture_weights=None, style_weights=None)
+    spec = {"tag": "single_object", "include": [{"class": "star", "count": 1}], "prompt": "a photo of a star"}
+    for seed in range(10):
+        scene = scene_for_spec(spec, seed, sampling)
+        assert (scene.background, scene.texture, scene.style) == ("slate", "plain", "outline")

@@ -170,14 +170,13 @@ def coerce_value(value: Any, declared: Any, dotted: str, source: str = "config")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in arguments:
             return None
-        errors = []
         for option in arguments:
             if option is type(None):
                 continue
             try:
                 return coerce_value(value, option, dotted, source)
-            except ConfigError as error:
-                errors.append(error)
+            except ConfigError:
+                continue
         raise fail(" or ".join(_type_name(a) for a in arguments))
     if origin is typing.Literal:
         if value in arguments:

@@ -28,6 +28,7 @@ from data.shapes.prompts import DPG_COLUMNS, dpg_questions, geneval_prompts, sce
 from data.shapes.render import render_scene
 from data.shapes.scene import sample_scene
 from data.shards import write_parquet_shards, write_webdataset_shards
+from eval.geneval_rules import GENEVAL_TAGS
 from unimm.atomic import atomic_write_text
 from unimm.config import save_resolved_config
 
@@ -69,7 +70,7 @@ def _spec_pool() -> list[dict]:
     """Every distinct GenEval-style spec of the Shapes world (all tags, no sampling)."""
     global _SPEC_POOL
     if _SPEC_POOL is None:
-        _SPEC_POOL = geneval_prompts(tag_counts={tag: 10**9 for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr")})
+        _SPEC_POOL = geneval_prompts(tag_counts={tag: 10**9 for tag in GENEVAL_TAGS})
     return _SPEC_POOL
 
 

@@ -87,6 +87,11 @@ def _phrasings(rng: np.random.Generator, templates: tuple[str, ...], **words) ->
     return tuple(templates[i].format(**words) for i in order)
 
 
+def _fits_in_place(new: ShapeObject, objects: list[ShapeObject], index: int) -> bool:
+    """Whether ``new`` fits where ``objects[index]`` stands, among all the other objects."""
+    return fits(new, objects[:index] + objects[index + 1 :])
+
+
 def _capitalize(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -103,7 +108,7 @@ def make_edit(scene: Scene, task: str, rng: np.random.Generator) -> EditPair | N
         shape = _pick(rng, [s for s in SHAPES if s != old.shape])
         color = old.color if rng.random() < 0.5 else _pick(rng, COLORS)
         new = ShapeObject(shape, color, old.size, old.x, old.y)
-        if not fits(new, objects[:index] + objects[index + 1 :]):
+        if not _fits_in_place(new, objects, index):
             return None
         objects[index] = new
         thing = f"{article(color)} {color} {shape}"
@@ -152,7 +157,7 @@ def make_edit(scene: Scene, task: str, rng: np.random.Generator) -> EditPair | N
             if not 0 <= size_index < len(SIZES):
                 step, size_index = -step, SIZES.index(old.size) - step
             new = ShapeObject(old.shape, old.color, SIZES[size_index], old.x, old.y)
-            if not fits(new, objects[:index] + objects[index + 1 :]):
+            if not _fits_in_place(new, objects, index):
                 return None
             objects[index] = new
             value = "bigger" if step > 0 else "smaller"

@@ -17,16 +17,13 @@ from collections import Counter
 import numpy as np
 
 from data.shapes.captions import long_caption, noun_phrase, relations_between
-from data.shapes.scene import Scene, SceneSampling, ShapeObject, place_object, sample_scene
+from data.shapes.scene import Scene, SceneSampling, ShapeObject, place_object, sample_appearance, sample_scene
 from data.shapes.vocabulary import (
-    BACKGROUNDS,
     COLORS,
     NUMBER_WORDS,
     RELATIONS,
     SHAPES,
     SIZES,
-    STYLES,
-    TEXTURES,
 )
 from eval.geneval_rules import GENEVAL_TAGS
 
@@ -102,19 +99,6 @@ def geneval_prompts(seed: int = 0, tag_counts: dict[str, int] | None = None) -> 
     return prompts
 
 
-def _scene_style(rng: np.random.Generator, sampling: SceneSampling) -> dict:
-    def weighted(options, weights):
-        p = np.asarray(weights, dtype=float)
-        return options[int(rng.choice(len(options), p=p / p.sum()))]
-
-    return {
-        "background": BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
-        "texture": weighted(TEXTURES, sampling.texture_weights),
-        "style": weighted(STYLES, sampling.style_weights),
-        "texture_seed": int(rng.integers(2**31)),
-    }
-
-
 def scene_for_spec(spec: dict, rng: np.random.Generator | int, sampling: SceneSampling | None = None) -> Scene:
     """A scene with exactly the objects a GenEval spec asks for, positions satisfying its relations."""
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
@@ -146,7 +130,7 @@ def scene_for_spec(spec: dict, rng: np.random.Generator | int, sampling: SceneSa
                 break
             groups.append(group)
         if ok:
-            return Scene(tuple(placed), **_scene_style(rng, sampling))
+            return Scene(tuple(placed), **sample_appearance(rng, sampling))
     raise RuntimeError(f"could not lay out a scene for spec {spec['prompt']!r}")
 
 

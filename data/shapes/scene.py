@@ -166,7 +166,14 @@ def sample_scene(rng: np.random.Generator | int, sampling: SceneSampling | None 
             placed.append(obj)
         if len(placed) == count:
             break
-    background = _choice(rng, sampling.backgrounds)
-    texture = _choice(rng, sampling.textures, sampling.texture_weights)
-    style = _choice(rng, sampling.styles, sampling.style_weights)
-    return Scene(tuple(placed), background, texture, style, texture_seed=int(rng.integers(2**31)))
+    return Scene(tuple(placed), **sample_appearance(rng, sampling))
+
+
+def sample_appearance(rng: np.random.Generator, sampling: SceneSampling) -> dict:
+    """Background, texture, style and texture seed of a scene (the keyword arguments of ``Scene``)."""
+    return {
+        "background": _choice(rng, sampling.backgrounds),
+        "texture": _choice(rng, sampling.textures, sampling.texture_weights),
+        "style": _choice(rng, sampling.styles, sampling.style_weights),
+        "texture_seed": int(rng.integers(2**31)),
+    }

@@ -136,14 +136,20 @@ def run_check(args: argparse.Namespace) -> int:
         scenes = args.scenes if condition.resolution <= 64 and not condition.render_resolution else max(args.scenes // 2, 1)
         result = object_accuracy(condition, scenes, seed=args.seed)
         print(f"| {scenes} held-out scenes, {result.condition} | {result.objects} | {result.correct} | {result.accuracy:.4f} | {result.false_positives} |")
-    scores = oracle_geneval(resolution=64, seed=args.seed)
-    print("\nGenEval-format Shapes prompts, each laid out exactly and judged at 64 px (an ideal generator):")
+    _print_scores(
+        "GenEval-format Shapes prompts, each laid out exactly and judged at 64 px (an ideal generator):",
+        oracle_geneval(resolution=64, seed=args.seed),
+    )
+    _print_scores(
+        "DPG-style questions, each asked of its own scene's 64 px render (fraction answered yes):",
+        oracle_dpg(num_items=100, resolution=64, seed=args.seed),
+    )
+    return 0
+
+
+def _print_scores(title: str, scores: dict[str, float]) -> None:
+    """A one-row Markdown table of named scores under a title line."""
+    print(f"\n{title}")
     print("| " + " | ".join(scores) + " |")
     print("|" + "---|" * len(scores))
     print("| " + " | ".join(f"{value:.3f}" for value in scores.values()) + " |")
-    answers = oracle_dpg(num_items=100, resolution=64, seed=args.seed)
-    print("\nDPG-style questions, each asked of its own scene's 64 px render (fraction answered yes):")
-    print("| " + " | ".join(answers) + " |")
-    print("|" + "---|" * len(answers))
-    print("| " + " | ".join(f"{value:.3f}" for value in answers.values()) + " |")
-    return 0
