@@ -13,7 +13,7 @@ class DataConfig:
     format: Literal["webdataset", "parquet"] = "webdataset"
     # Files, directories or glob patterns; expanded and sorted so every process sees the same list.
     shards: list[str] = field(default_factory=list)
-    kind: Literal["text_to_image", "edit"] = "text_to_image"
+    kind: Literal["text_to_image", "edit", "image"] = "text_to_image"
 
     # Text-to-image fields. For webdataset a field is a member extension, for parquet a column name.
     # Image: the first field present wins.

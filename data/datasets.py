@@ -89,6 +89,17 @@ class TextToImageDataset(IndexedDataset):
         return {"image": self.image_tensor(record[field]), "caption": caption}
 
 
+class ImageDataset(IndexedDataset):
+    """``{"image": (3, R, R) float in [-1, 1], "key": str}`` per sample: images only (tokenizer training,
+    reconstruction metrics); captions are not required."""
+
+    def build_sample(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        field = next((name for name in self.config.image_fields if record.get(name) is not None), None)
+        if field is None:
+            raise CorruptSample(REASON_MISSING_IMAGE)
+        return {"image": self.image_tensor(record[field])}
+
+
 class EditDataset(IndexedDataset):
     """``{"source_image", "edited_image", "instruction", "task", "key"}`` per sample (OmniEdit layout);
     the instruction is drawn at random (seeded) from the instruction field's list."""
@@ -112,4 +123,6 @@ class EditDataset(IndexedDataset):
 def build_dataset(config: DataConfig, index: ShardIndex | None = None) -> IndexedDataset:
     if config.kind == "edit":
         return EditDataset(config, index)
+    if config.kind == "image":
+        return ImageDataset(config, index)
     return TextToImageDataset(config, index)

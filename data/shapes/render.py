@@ -83,3 +83,17 @@ def render_scene_array(scene: Scene, resolution: int = 64) -> np.ndarray:
 def render_scene(scene: Scene, resolution: int = 64) -> Image.Image:
     """The scene as a PIL RGB image of ``resolution`` x ``resolution`` pixels."""
     return Image.fromarray(render_scene_array(scene, resolution), mode="RGB")
+
+
+def render_object_coverage(scene: Scene, resolution: int = 64) -> np.ndarray:
+    """(num_objects, H, W) float32 visible coverage of each object in [0, 1], later objects occluding earlier ones.
+
+    The pixel-level ground truth behind dense labels (per-patch colour and shape) used to train the
+    Shapes representation encoder.
+    """
+    coverage = np.zeros((len(scene.objects), resolution, resolution), dtype=np.float32)
+    for index, obj in enumerate(scene.objects):
+        alpha, _, region = _object_layer(obj, scene.style, resolution)
+        coverage[(slice(None), *region)] *= 1.0 - alpha
+        coverage[(index, *region)] = alpha
+    return coverage

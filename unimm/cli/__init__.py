@@ -11,12 +11,15 @@ import importlib
 import sys
 
 from unimm import __version__
+from unimm.cli.arguments import IntermixedArgumentParser
 from unimm.errors import UserError
 
 # Only subcommands that are built are listed; a module is added here when its command works end to end.
 COMMAND_MODULES = (
     "unimm.cli.shapes_command",
     "unimm.cli.data_command",
+    "unimm.cli.tokenizer_command",
+    "unimm.cli.eval_command",
 )
 
 
@@ -26,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Unified text-to-image and editing models on semantic-autoencoder latents.",
     )
     parser.add_argument("--version", action="version", version=f"unimm {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands", parser_class=IntermixedArgumentParser
+    )
     subparsers.required = True
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)

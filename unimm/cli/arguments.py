@@ -12,7 +12,9 @@ class IntermixedArgumentParser(argparse.ArgumentParser):
     _intermixing = False
 
     def parse_known_args(self, args=None, namespace=None):
-        if self._intermixing:
+        # argparse cannot intermix around subcommands; parsers that have them parse the plain way.
+        has_subcommands = any(isinstance(action, argparse._SubParsersAction) for action in self._actions)
+        if self._intermixing or has_subcommands:
             return super().parse_known_args(args, namespace)
         self._intermixing = True
         try:

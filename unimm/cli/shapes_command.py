@@ -42,6 +42,13 @@ def register(subparsers) -> None:
     check.add_argument("--dataset", help="also judge a written text-to-image split (e.g. runs/demo/shapes/t2i/val) against its scene graphs")
     check.set_defaults(handler=run_check)
 
+    encoder = actions.add_parser(
+        "train-encoder", help="train the small representation encoder (a tiny Dinov2Model) that stands in for DINOv2"
+    )
+    encoder.add_argument("--config", action="append", default=[], help="YAML delta (repeatable), e.g. configs/shapes/encoder.yaml")
+    encoder.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=300 output_dir=runs/enc")
+    encoder.set_defaults(handler=run_train_encoder)
+
 
 def run_render(args: argparse.Namespace) -> int:
     from PIL import Image
@@ -153,3 +160,16 @@ def _print_scores(title: str, scores: dict[str, float]) -> None:
     print("| " + " | ".join(scores) + " |")
     print("|" + "---|" * len(scores))
     print("| " + " | ".join(f"{value:.3f}" for value in scores.values()) + " |")
+
+
+def run_train_encoder(args: argparse.Namespace) -> int:
+    from tokenizer.shapes_encoder import ShapesEncoderConfig, train_shapes_encoder
+    from unimm.config import build_config, save_resolved_config
+
+    config = build_config(ShapesEncoderConfig, args.config, args.overrides)
+    if config.resolution % config.patch_size:
+        raise UserError(f"resolution={config.resolution} must be a multiple of patch_size={config.patch_size}")
+    save_resolved_config(config, config.output_dir)
+    metrics = train_shapes_encoder(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(metrics))
+    return 0
