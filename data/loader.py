@@ -51,6 +51,11 @@ def format_skip_summary(delivered: int, skipped: dict[str, int]) -> str:
     return line
 
 
+def hash_seed(*values: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 class EpochRequests:
     """The ``(epoch, sample_id)`` requests of the rest of an epoch, produced lazily (a list of tuples
     would cost ~100 bytes per sample for millions of samples)."""
@@ -119,12 +124,16 @@ class ResumableLoader:
         requests = EpochRequests(epoch, sample_ids[consumed:])
         # batch_size=None: workers fetch single samples in sampler order; batches are assembled here so
         # a corrupt sample can be replaced by the next good one.
+        # An own generator: creating the iterator would otherwise draw a base seed from the global torch RNG,
+        # so a resumed run (which opens an extra iterator mid-epoch) would leave the training RNG stream.
+        generator = torch.Generator().manual_seed(hash_seed(self.config.seed, epoch, consumed, self.rank))
         samples = DataLoader(
             self.dataset,
             batch_size=None,
             sampler=requests,
             num_workers=self.config.num_workers,
             pin_memory=self.pin_memory,
+            generator=generator,
         )
         good: list[dict[str, Any]] = []
         pending_skips: Counter[str] = Counter()

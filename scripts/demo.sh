@@ -20,4 +20,10 @@ echo
 echo "== 4. The judge scoring the dataset, held-out renders and GenEval-format prompts"
 unimm shapes check --scenes 60 --dataset "$out/shapes/t2i/val"
 echo
+echo "== 5. Tokenizer presets built on the meta device (no weights): parameters, latent shape, shift"
+for preset in psvae-96c rae-dinov2-b sae-dinov3-hplus-k1 gae-d32 mini-psvae; do
+  unimm info "$preset" --json
+done
+echo "   (the Shapes tokenizer experiment itself: bash scripts/mini_tokenizers.sh, ~1 h on 2 CPU cores)"
+echo
 echo "Done. Outputs are in $out/"

@@ -108,8 +108,10 @@ def test_help_lists_only_registered_working_commands(capsys):
     registered = set(build_parser()._subparsers._group_actions[0].choices)
     assert len(COMMAND_MODULES) == 4
     assert registered == {"shapes", "data", "eval", "train-tokenizer", "info"}
+    # Command names sit at a 4-space indent; wrapped help text is indented further.
+    command_column = {line.split()[0] for line in listed.splitlines() if line.startswith("    ") and line[4:5] != " "}
     for name in ("generate", "edit", "train", "export", "demo"):
-        assert f"    {name} " not in listed  # not built yet, so not registered
+        assert name not in command_column  # not built yet, so not registered
 
 
 def test_judge_prints_one_json_line_per_image(tmp_path, capsys):

@@ -401,3 +401,33 @@ def test_perceptual_loss_rejects_files_that_are_not_vgg16_tensors(tmp_path):
     torch.save({"model": nn.Linear(1, 1)}, pickled_object)  # needs full unpickling: refused
     with pytest.raises(UserError, match="cannot read"):
         PerceptualLoss(backbone_weights=str(pickled_object))
+
+
+@pytest.mark.parametrize("layer_kind", ["conv", "linear"])
+def test_adaptive_weight_by_replay_equals_the_direct_gradient(layer_kind):
+    """The DeepSpeed-safe path (a detached replay of the last layer) gives LDM's number exactly."""
+    from tokenizer.losses import LastLayerCapture, adaptive_generator_weight_by_replay
+
+    torch.manual_seed(0)
+    if layer_kind == "conv":
+        body, last = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 3, 3, padding=1)
+        inputs = torch.randn(2, 3, 8, 8)
+    else:
+        body, last = torch.nn.Linear(5, 8), torch.nn.Linear(8, 4)
+        inputs = torch.randn(6, 5)
+    capture = LastLayerCapture(last)
+    output = last(torch.tanh(body(inputs)))
+    direction = torch.linspace(-1, 1, output.shape[-1])
+
+    def reconstruction_loss(image):
+        return (image - 0.3).abs().mean()
+
+    def generator_loss(image):
+        return -(image * direction).mean()
+
+    direct = adaptive_generator_weight(reconstruction_loss(output), generator_loss(output), last.weight)
+    replayed = adaptive_generator_weight_by_replay(capture, lambda x: x, reconstruction_loss, generator_loss)
+    torch.testing.assert_close(replayed, direct, rtol=1e-5, atol=1e-6)
+    assert last.weight.grad is None  # measuring leaves no gradient behind
+    capture.replay()
+    assert capture.layer_input.shape[0] == inputs.shape[0]  # a replay does not replace the captured input

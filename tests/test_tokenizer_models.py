@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.tokenizer_fixtures import tiny_config, write_tiny_encoders, write_tiny_shapes
+from tests.tokenizer_fixtures import tiny_config
 from tokenizer.encoders import (
     ENCODER_KINDS,
     RepresentationEncoder,
@@ -21,16 +21,6 @@ from tokenizer.encoders import (
 from tokenizer.model import SemanticAutoencoder, shift_factor
 from tokenizer.presets import available_presets, describe_preset
 from tokenizer.trainer import TokenizerTrainer, latent_statistics
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    return write_tiny_encoders(tmp_path_factory.mktemp("encoders"))
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return write_tiny_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 # ------------------------------------------------------------------------------------- adapters

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from tokenizer.config import TokenizerTrainingConfig
 from tokenizer.encoder_catalog import CATALOG
 from tokenizer.encoders import RepresentationEncoder, tiny_encoder_config
@@ -23,6 +25,7 @@ TINY_HIDDEN = 32
 def write_tiny_encoders(directory: Path) -> dict[str, Path]:
     """One tiny saved encoder per kind: {kind: directory}."""
     paths = {}
+    torch.manual_seed(0)  # the same tiny encoders in every run: golden trajectories depend on them
     for kind in ("dinov2", "dinov2_registers", "dinov3", "siglip", "siglip2"):
         path = directory / kind
         encoder = RepresentationEncoder.from_config(

@@ -247,8 +247,8 @@ class SemanticAutoencoder(nn.Module):
         return outputs
 
     @property
-    def last_decoder_layer_weight(self) -> torch.Tensor:
-        return self.pixel_decoder.last_layer_weight
+    def last_decoder_layer(self) -> nn.Module:
+        return self.pixel_decoder.last_layer
 
     # ------------------------------------------------------------------------------- statistics
     def set_latent_statistics(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:

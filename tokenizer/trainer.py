@@ -34,8 +34,9 @@ from tokenizer.config import StageConfig, TokenizerTrainingConfig
 from tokenizer.encoders import RepresentationEncoder
 from tokenizer.layers.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
 from tokenizer.losses import (
+    LastLayerCapture,
     PerceptualLoss,
-    adaptive_generator_weight,
+    adaptive_generator_weight_by_replay,
     adversarial_start_factor,
     alignment_loss,
     cosine_distillation_loss,
@@ -123,6 +124,8 @@ def image_data_config(config: TokenizerTrainingConfig, shards: str, shuffle: boo
 
 class TokenizerTrainer:
     def __init__(self, config: TokenizerTrainingConfig, resume: bool = True):
+        from accelerate.utils import DistributedDataParallelKwargs
+
         from unimm.training.distributed import build_accelerator
 
         self.config = config
@@ -136,6 +139,8 @@ class TokenizerTrainer:
             log_dir=self.output_dir / "logs",
             micro_batch_size=train.batch_size,
             gradient_clipping=train.grad_clip,
+            # Plain DDP (no DeepSpeed): stage 1 leaves the frozen encoder without gradients.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.device = self.accelerator.device
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
@@ -170,6 +175,7 @@ class TokenizerTrainer:
             betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay,
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.last_layer_capture = LastLayerCapture(self.unwrapped.last_decoder_layer) if self.discriminator is not None else None
         from unimm.training.ema import ExponentialMovingAverage
 
         self.ema = ExponentialMovingAverage(self.unwrapped, decay=train.ema_decay, warmup=train.ema_warmup)
@@ -272,9 +278,14 @@ class TokenizerTrainer:
         terms: dict[str, torch.Tensor] = {}
 
         # L_p: the LDM recipe (pixel + perceptual + adversarial with the adaptive weight and a delayed start).
-        pixel = pixel_reconstruction_loss(reconstruction, images, loss_config.pixel_kind) * loss_config.pixel_weight
-        terms["pixel"] = pixel
-        pixel_total = pixel
+        def reconstruction_loss(image: torch.Tensor) -> torch.Tensor:
+            pixel = pixel_reconstruction_loss(image, images, loss_config.pixel_kind) * loss_config.pixel_weight
+            if self.perceptual is None:
+                return pixel
+            return pixel + self.perceptual(image, images) * loss_config.perceptual_weight
+
+        terms["pixel"] = pixel_reconstruction_loss(reconstruction, images, loss_config.pixel_kind) * loss_config.pixel_weight
+        pixel_total = terms["pixel"]
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(reconstruction, images) * loss_config.perceptual_weight
             pixel_total = pixel_total + terms["perceptual"]
@@ -282,10 +293,15 @@ class TokenizerTrainer:
         if factor > 0:
             self.discriminator.requires_grad_(False)
             generator = generator_adversarial_loss(self.discriminator(reconstruction))
-            self.discriminator.requires_grad_(True)
             weight = torch.tensor(1.0, device=images.device)
             if loss_config.adaptive_adversarial_weight:
-                weight = adaptive_generator_weight(pixel_total, generator, self.unwrapped.last_decoder_layer_weight)
+                weight = adaptive_generator_weight_by_replay(
+                    self.last_layer_capture,
+                    self.unwrapped.pixel_decoder.last_output_to_image,
+                    reconstruction_loss,
+                    lambda image: generator_adversarial_loss(self.discriminator(image)),
+                )
+            self.discriminator.requires_grad_(True)
             terms["adversarial"] = factor * loss_config.adversarial_weight * weight * generator
             pixel_total = pixel_total + terms["adversarial"]
 

@@ -37,8 +37,12 @@ class CNNPixelDecoder(nn.Module):
         )
 
     @property
-    def last_layer_weight(self) -> torch.Tensor:
-        return self.decoder.conv_out.weight
+    def last_layer(self) -> nn.Module:
+        """The output conv, whose weight the adaptive GAN weight differentiates against."""
+        return self.decoder.conv_out
+
+    def last_output_to_image(self, output: torch.Tensor) -> torch.Tensor:
+        return output  # the output conv's result is the image
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.decoder(latent)

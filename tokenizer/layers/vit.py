@@ -61,17 +61,19 @@ class ViTPixelDecoder(nn.Module):
         self.output = nn.Linear(hidden_size, patch_size * patch_size * 3)
 
     @property
-    def last_layer_weight(self) -> torch.Tensor:
-        """The weight the adaptive GAN weight differentiates against."""
-        return self.output.weight
+    def last_layer(self) -> nn.Module:
+        """The output projection, whose weight the adaptive GAN weight differentiates against."""
+        return self.output
 
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        batch = latent.shape[0]
-        tokens = self.input(latent.flatten(2).transpose(1, 2)) + self.position.to(latent.dtype)
-        patches = self.output(self.norm(self.blocks(tokens)))  # (B, h*w, p*p*3)
-        p, g = self.patch_size, self.grid
+    def last_output_to_image(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, p*p*3) pixel patches -> (B, 3, h·p, w·p)."""
+        batch, p, g = patches.shape[0], self.patch_size, self.grid
         patches = patches.reshape(batch, g, g, p, p, 3)
         return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch, 3, g * p, g * p)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        tokens = self.input(latent.flatten(2).transpose(1, 2)) + self.position.to(latent.dtype)
+        return self.last_output_to_image(self.output(self.norm(self.blocks(tokens))))
 
 
 def num_upsampling_stages(factor: int) -> int:

@@ -1,7 +1,9 @@
 """Tokenizer training losses: pixel, perceptual (LPIPS), adversarial, KL and semantic/feature losses."""
 
 from tokenizer.losses.adversarial import (
+    LastLayerCapture,
     adaptive_generator_weight,
+    adaptive_generator_weight_by_replay,
     adversarial_start_factor,
     generator_adversarial_loss,
     hinge_discriminator_loss,
@@ -18,8 +20,10 @@ from tokenizer.losses.semantic import (
 )
 
 __all__ = [
+    "LastLayerCapture",
     "PerceptualLoss",
     "adaptive_generator_weight",
+    "adaptive_generator_weight_by_replay",
     "adversarial_start_factor",
     "alignment_loss",
     "cosine_distillation_loss",

@@ -65,6 +65,68 @@ def adaptive_generator_weight(
     return weight.clamp(0.0, max_weight).detach()
 
 
+class LastLayerCapture:
+    """Keeps the input of a decoder's last layer from its latest forward (a forward hook), so the adaptive
+    GAN weight can be measured on a detached replay of that layer.
+
+    Why a replay: under DeepSpeed ZeRO any autograd pass through tensors of the engine's forward (even
+    `torch.autograd.grad` w.r.t. an intermediate tensor) runs the engine's backward epilogue and its
+    gradient reduction in the middle of the step. Replaying the last layer on its detached input with a
+    detached copy of its weight gives the same ∂L/∂w (the losses depend on w only through this layer's
+    output) in a graph the engine never sees.
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+        self.layer_input: Tensor | None = None
+        self._replaying = False
+        self._handle = layer.register_forward_hook(self._store)
+
+    def _store(self, module, inputs, output) -> None:
+        if not self._replaying:  # a replay must not replace the training forward's input
+            self.layer_input = inputs[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def replay(self) -> tuple[Tensor, Tensor]:
+        """(output of the last layer recomputed from its detached input, the weight leaf it depends on)."""
+        weight = self.layer.weight.detach().requires_grad_(True)
+        parameters = {name: value.detach() for name, value in self.layer.named_parameters()}
+        parameters["weight"] = weight
+        self._replaying = True
+        try:
+            output = torch.func.functional_call(self.layer, parameters, (self.layer_input.detach(),))
+        finally:
+            self._replaying = False
+        return output, weight
+
+
+def adaptive_generator_weight_by_replay(
+    capture: LastLayerCapture,
+    output_to_image,
+    reconstruction_loss_fn,
+    generator_loss_fn,
+    max_weight: float = 1e4,
+    eps: float = 1e-4,
+) -> Tensor:
+    """`adaptive_generator_weight`, measured on a replay of the decoder's last layer (see `LastLayerCapture`).
+
+    `output_to_image` maps the last layer's output to the reconstruction (identity for a conv decoder,
+    unpatchify for a ViT decoder); the two loss functions take that reconstruction and must compute the
+    same reconstruction (pixel + perceptual) and generator losses as the training step.
+    """
+    if not torch.is_grad_enabled():
+        return torch.zeros((), device=capture.layer.weight.device)
+    with torch.enable_grad():
+        output, weight = capture.replay()
+        image = output_to_image(output)
+        (reconstruction_grad,) = torch.autograd.grad(reconstruction_loss_fn(image), weight, retain_graph=True)
+        (generator_grad,) = torch.autograd.grad(generator_loss_fn(image), weight)
+    ratio = reconstruction_grad.float().norm() / (generator_grad.float().norm() + eps)
+    return ratio.clamp(0.0, max_weight).detach()
+
+
 def adversarial_start_factor(step: int, start_step: int) -> float:
     """0.0 before ``start_step`` and 1.0 from it on (LDM's ``adopt_weight`` with ``disc_start``).
 

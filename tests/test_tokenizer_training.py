@@ -1,0 +1,103 @@
+"""Tokenizer trainer: the loss decreases along a stored golden trajectory, an interrupted run resumes on the
+same trajectory, and a two-process DeepSpeed ZeRO-2 run on the CPU completes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_deepspeed_cpu import worker_env
+from tests.tokenizer_fixtures import tiny_config
+from tokenizer.config import StageConfig
+from tokenizer.model import SemanticAutoencoder
+from tokenizer.trainer import TokenizerTrainer
+from unimm.config import save_resolved_config
+from unimm.training.distributed import find_free_port
+
+GOLDEN = Path(__file__).parent / "golden" / "tokenizer_psvae_tiny.json"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def golden_config(encoders, shapes, output_dir):
+    """Tiny PS-VAE, 6 steps per stage at a high learning rate, so 12 steps show learning."""
+    return tiny_config(
+        "psvae-96c", encoders, shapes, output_dir,
+        stage1=StageConfig(steps=6, learning_rate=3e-3, detach_pixel_latent=True),
+        stage2=StageConfig(steps=6, learning_rate=1e-3, train_encoder=True),
+        checkpoint_every=1000, seed=7,
+    )
+
+
+def run_single_threaded(config) -> list[dict]:
+    """Float32 sums depend on the thread count's reduction order; the golden numbers were made with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return TokenizerTrainer(config, resume=False).train()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_short_run_decreases_the_loss_on_the_golden_trajectory(encoders, shapes, tmp_path):
+    records = run_single_threaded(golden_config(encoders, shapes, tmp_path / "run"))
+    losses = [record["loss"] for record in records]
+    pixel = [record["pixel"] for record in records]
+    assert sum(pixel[-3:]) < 0.8 * sum(pixel[:3])  # the decoder learns
+    assert sum(losses[-3:]) < sum(losses[:3])
+    golden = json.loads(GOLDEN.read_text())
+    assert [record["stage"] for record in records] == golden["stages"]
+    # Same classes, seed and data: the trajectory is reproducible to float32 reduction-order noise.
+    assert losses == pytest.approx(golden["loss"], rel=2e-3)
+
+
+def test_interrupted_run_resumes_on_the_same_trajectory(encoders, shapes, tmp_path):
+    straight = TokenizerTrainer(golden_config(encoders, shapes, tmp_path / "straight"), resume=False).train()
+    first = TokenizerTrainer(golden_config(encoders, shapes, tmp_path / "resumed"), resume=False).train(max_steps=5)
+    # A new process-equivalent: rebuild everything from the config and the checkpoint written at step 5.
+    resumed_trainer = TokenizerTrainer(golden_config(encoders, shapes, tmp_path / "resumed"), resume=True)
+    assert resumed_trainer.step == 5
+    rest = resumed_trainer.train()
+    combined = first + rest
+    assert [r["step"] for r in combined] == [r["step"] for r in straight]
+    for expected, got in zip(straight, combined):
+        assert got["loss"] == expected["loss"], f"step {got['step']} diverged"
+    straight_model = SemanticAutoencoder.from_pretrained(tmp_path / "straight" / "tokenizer")
+    resumed_model = SemanticAutoencoder.from_pretrained(tmp_path / "resumed" / "tokenizer")
+    for (name, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_deepspeed_two_process_cpu_run_completes(encoders, shapes, tmp_path):
+    config = tiny_config(
+        "psvae-96c", encoders, shapes, tmp_path / "run",
+        stage1=StageConfig(steps=2, learning_rate=1e-3, detach_pixel_latent=True),
+        stage2=StageConfig(steps=2, learning_rate=1e-3, train_encoder=True),
+        deepspeed_config=str(REPO / "configs" / "deepspeed" / "zero2.json"), checkpoint_every=2,
+    )
+    config_dir = save_resolved_config(config, tmp_path / "config").parent
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(find_free_port()),
+        "--no_local_rank", "--module", "unimm", "train-tokenizer", "--config", str(config_dir / "config.yaml"),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line][-1] == 4
+    assert (run / "checkpoint-4" / "training_state.json").is_file()
+    state = json.loads((run / "checkpoint-4" / "training_state.json").read_text())
+    assert state["world_size"] == 2
+    model = SemanticAutoencoder.from_pretrained(run / "tokenizer")
+    assert model.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 8, 4, 4)
+
+
+def write_golden(encoders, shapes, tmp_path) -> None:  # pragma: no cover - run by hand when the model changes
+    records = run_single_threaded(golden_config(encoders, shapes, tmp_path / "golden"))
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps({"stages": [r["stage"] for r in records], "loss": [r["loss"] for r in records]}, indent=1) + "\n")
