@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +194,15 @@ def test_gae_bottleneck_is_on_the_sphere_and_noise_is_per_sample():
     sampled, _ = bottleneck(features)
     residual_scale = (sampled - mean).flatten(1).std(1)
     assert residual_scale.std() > 0  # σ drawn per sample, not one global scale
+
+
+def test_info_of_a_mini_preset_before_the_shapes_encoder_exists(tmp_path):
+    """`unimm info mini-psvae` on a fresh checkout describes the encoder `shapes train-encoder` will write."""
+    result = subprocess.run(
+        [sys.executable, "-m", "unimm", "info", "mini-psvae", "--json"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    described = json.loads(result.stdout.strip().splitlines()[-1])
+    assert described["latent_shape"] == [32, 8, 8]
+    assert described["params_by_part"]["backbone"] == 1224704

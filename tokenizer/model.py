@@ -55,6 +55,11 @@ def load_encoder_config(name_or_path: str):
     catalogued = catalog_config(name_or_path)
     if catalogued is not None:
         return catalogued
+    from tokenizer.shapes_encoder import ShapesEncoderConfig, backbone_config
+
+    if Path(name_or_path) == Path(ShapesEncoderConfig.output_dir):
+        # Not trained yet: describe the architecture `unimm shapes train-encoder` will write there.
+        return backbone_config(ShapesEncoderConfig())
     try:
         return transformers.AutoConfig.from_pretrained(name_or_path)
     except OSError as error:

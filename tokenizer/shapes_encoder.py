@@ -116,10 +116,11 @@ def _select(labels: SceneLabels, index: torch.Tensor) -> SceneLabels:
     return SceneLabels(**{name: value[index] for name, value in vars(labels).items()})
 
 
-def build_backbone(config: ShapesEncoderConfig) -> RepresentationEncoder:
+def backbone_config(config: ShapesEncoderConfig):
+    """The transformers config of the Shapes encoder (the same class as `facebook/dinov2-base`)."""
     import transformers
 
-    backbone_config = transformers.Dinov2Config(
+    return transformers.Dinov2Config(
         image_size=config.resolution,
         patch_size=config.patch_size,
         hidden_size=config.hidden_size,
@@ -127,7 +128,10 @@ def build_backbone(config: ShapesEncoderConfig) -> RepresentationEncoder:
         num_attention_heads=config.num_heads,
         mlp_ratio=config.mlp_ratio,
     )
-    return RepresentationEncoder.from_config(backbone_config, kind="dinov2")
+
+
+def build_backbone(config: ShapesEncoderConfig) -> RepresentationEncoder:
+    return RepresentationEncoder.from_config(backbone_config(config), kind="dinov2")
 
 
 class ShapesProbeHeads(nn.Module):
