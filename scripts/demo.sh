@@ -24,6 +24,6 @@ echo "== 5. Tokenizer presets built on the meta device (no weights): parameters,
 for preset in psvae-96c rae-dinov2-b sae-dinov3-hplus-k1 gae-d32 mini-psvae; do
   unimm info "$preset" --json
 done
-echo "   (the Shapes tokenizer experiment itself: bash scripts/mini_tokenizers.sh, ~1 h on 2 CPU cores)"
+echo "   (the Shapes tokenizer experiment itself: bash scripts/mini_tokenizers.sh, about 2.5 h on 2 CPU cores)"
 echo
 echo "Done. Outputs are in $out/"
