@@ -35,19 +35,17 @@ def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 
 def describe_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Instantiate a preset on the meta device (no weights, no downloads) and report its size and latent."""
-    from tokenizer.model import SemanticAutoencoder
+    from tokenizer.model import SemanticAutoencoder, count_parameters
 
     config = load_preset(name_or_path, overrides)
     with torch.device("meta"):
         model = SemanticAutoencoder.build(config.model, pretrained_encoder=False)
-    def count(module):
-        return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
+    parts = {name: count_parameters(child) for name, child in model.named_children()}
     return {
         "preset": name_or_path,
         "family": config.model.family,
-        "params": count(model),
-        "params_by_part": {name: count(child) for name, child in model.named_children() if count(child)},
+        "params": count_parameters(model),
+        "params_by_part": {name: count for name, count in parts.items() if count},
         "latent_shape": list(model.latent_shape),
         "shift": round(model.shift, 4),
         "image_size": config.model.image_size,

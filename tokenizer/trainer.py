@@ -278,17 +278,14 @@ class TokenizerTrainer:
         terms: dict[str, torch.Tensor] = {}
 
         # L_p: the LDM recipe (pixel + perceptual + adversarial with the adaptive weight and a delayed start).
-        def reconstruction_loss(image: torch.Tensor) -> torch.Tensor:
-            pixel = pixel_reconstruction_loss(image, images, loss_config.pixel_kind) * loss_config.pixel_weight
-            if self.perceptual is None:
-                return pixel
-            return pixel + self.perceptual(image, images) * loss_config.perceptual_weight
+        def pixel_terms(image: torch.Tensor) -> dict[str, torch.Tensor]:
+            parts = {"pixel": pixel_reconstruction_loss(image, images, loss_config.pixel_kind) * loss_config.pixel_weight}
+            if self.perceptual is not None:
+                parts["perceptual"] = self.perceptual(image, images) * loss_config.perceptual_weight
+            return parts
 
-        terms["pixel"] = pixel_reconstruction_loss(reconstruction, images, loss_config.pixel_kind) * loss_config.pixel_weight
-        pixel_total = terms["pixel"]
-        if self.perceptual is not None:
-            terms["perceptual"] = self.perceptual(reconstruction, images) * loss_config.perceptual_weight
-            pixel_total = pixel_total + terms["perceptual"]
+        terms.update(pixel_terms(reconstruction))
+        pixel_total = sum(terms.values())
         factor = adversarial_start_factor(step, loss_config.adversarial_start_step) if self.discriminator is not None else 0.0
         if factor > 0:
             self.discriminator.requires_grad_(False)
@@ -298,7 +295,7 @@ class TokenizerTrainer:
                 weight = adaptive_generator_weight_by_replay(
                     self.last_layer_capture,
                     self.unwrapped.pixel_decoder.last_output_to_image,
-                    reconstruction_loss,
+                    lambda image: sum(pixel_terms(image).values()),
                     lambda image: generator_adversarial_loss(self.discriminator(image)),
                 )
             self.discriminator.requires_grad_(True)

@@ -84,9 +84,3 @@ def build_bottleneck(kind: str, noise_std: float) -> nn.Module:
         return NoiseAugmentation(noise_std)
     raise ValueError(f"unknown bottleneck {kind!r}; use gaussian, rmsnorm_noise or noise_augmentation")
 
-
-def rms_normalize(features: torch.Tensor, dim: int = 1, eps: float = 1e-6) -> torch.Tensor:
-    return features * torch.rsqrt(features.pow(2).mean(dim=dim, keepdim=True) + eps)
-
-
-__all__ = ["GaussianBottleneck", "RMSNormNoiseBottleneck", "NoiseAugmentation", "build_bottleneck", "rms_normalize"]
