@@ -15,7 +15,6 @@ The prediction heads are discarded; only the backbone is saved.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from data.shapes.render import render_object_coverage, render_scene_array
 from data.shapes.scene import MAX_OBJECTS, Scene, sample_scene
 from data.shapes.vocabulary import BACKGROUNDS, COLORS, SHAPES, STYLES, TEXTURES
 from tokenizer.encoders import RepresentationEncoder, map_to_tokens
+from unimm.training.schedule import warmup_cosine_lr, warmup_factor
 
 # A patch belongs to an object when the object covers at least this fraction of it.
 PATCH_COVERAGE_THRESHOLD = 0.25
@@ -168,9 +168,8 @@ class ShapesProbeHeads(nn.Module):
 
 def _learning_rate(step: int, config: ShapesEncoderConfig) -> float:
     if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+        return config.learning_rate * warmup_factor(step + 1, config.warmup_steps)  # the first step already learns
+    return warmup_cosine_lr(step, config.learning_rate, config.warmup_steps, config.steps)
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ cosine), so an exact resume needs no scheduler state.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.distributed as torch_distributed
 from data.config import DataConfig
 from data.datasets import build_dataset
 from data.loader import ResumableLoader
+from eval.reconstruction import psnr_per_image
 from tokenizer.config import StageConfig, TokenizerTrainingConfig
 from tokenizer.encoders import RepresentationEncoder
 from tokenizer.layers.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
@@ -88,17 +88,17 @@ def stage_at(plan: list[StagePlan], step: int) -> StagePlan:
 
 def learning_rate_at(config: TokenizerTrainingConfig, plan: list[StagePlan], step: int) -> float:
     """Warm-up at the start of every stage, then constant or cosine (over the stage) towards min_lr_ratio."""
+    from unimm.training.schedule import warmup_cosine_lr, warmup_factor
+
     stage = stage_at(plan, step)
     local = step - stage.start
     base = stage.config.learning_rate
     warmup = config.train.warmup_steps
     if warmup and local < warmup:
-        return base * (local + 1) / warmup
+        return base * warmup_factor(local + 1, warmup)  # the first step already learns
     if config.train.lr_schedule == "constant":
         return base
-    progress = (local - warmup) / max(1, stage.steps - warmup)
-    floor = config.train.min_lr_ratio
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return warmup_cosine_lr(local, base, warmup, stage.steps, config.train.min_lr_ratio)
 
 
 def image_data_config(config: TokenizerTrainingConfig, shards: str, shuffle: bool = True, batch_size: int | None = None) -> DataConfig:
@@ -431,7 +431,7 @@ class TokenizerTrainer:
             images = self.preview_images.to(self.device)
             reconstruction = model.decode(model.encode(images)).clamp(-1, 1)
         model.train(was_training)
-        psnr = peak_signal_to_noise_ratio(reconstruction, images).mean().item()
+        psnr = psnr_per_image((reconstruction + 1) / 2, (images + 1) / 2).mean().item()
         logger.log_scalars({"preview_psnr_ema": psnr}, self.step)
         grid = torch.cat([images, reconstruction]).cpu()
         logger.log_images("reconstructions_ema", grid, self.step, nrow=len(images))
@@ -482,12 +482,6 @@ def latent_statistics(model: SemanticAutoencoder, batches, device) -> tuple[torc
     mean = total / count
     var = total_squares / count - mean.pow(2)
     return mean.cpu(), var.clamp_min(0).cpu(), images_seen
-
-
-def peak_signal_to_noise_ratio(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB on [0, 1] pixels (inputs in [-1, 1])."""
-    mse = ((reconstruction - target) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
 def save_image_grid(images: torch.Tensor, path: Path, columns: int) -> None:
