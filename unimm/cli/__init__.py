@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "unimm.cli.data_command",
     "unimm.cli.tokenizer_command",
     "unimm.cli.eval_command",
+    "unimm.cli.cache_command",
+    "unimm.cli.generator_command",
 )
 
 

@@ -49,6 +49,13 @@ def register(subparsers) -> None:
     encoder.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=300 output_dir=runs/enc")
     encoder.set_defaults(handler=run_train_encoder)
 
+    text_model = actions.add_parser(
+        "text-model", help="write the Shapes stand-in for Qwen2.5: a word tokenizer trained on Shapes text and a small Qwen2"
+    )
+    text_model.add_argument("-o", "--output", required=True, help="output directory (Qwen2 format: config, weights, tokenizer)")
+    text_model.add_argument("overrides", nargs="*", help="dotted overrides, e.g. hidden_size=192 num_hidden_layers=6")
+    text_model.set_defaults(handler=run_text_model)
+
 
 def run_render(args: argparse.Namespace) -> int:
     from PIL import Image
@@ -172,4 +179,14 @@ def run_train_encoder(args: argparse.Namespace) -> int:
     save_resolved_config(config, config.output_dir)
     metrics = train_shapes_encoder(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(metrics))
+    return 0
+
+
+def run_text_model(args: argparse.Namespace) -> int:
+    from data.shapes.text_model import ShapesTextModelConfig, write_shapes_text_model
+    from unimm.config import build_config
+
+    config = build_config(ShapesTextModelConfig, [], args.overrides)
+    path = write_shapes_text_model(args.output, config)
+    print(f"wrote the Shapes text model to {path}")
     return 0

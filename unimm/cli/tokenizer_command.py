@@ -18,9 +18,9 @@ def register(subparsers) -> None:
     train.set_defaults(handler=run_train_tokenizer)
 
     info = subparsers.add_parser(
-        "info", help="build a tokenizer preset on the meta device and print its parameters, latent shape and shift",
+        "info", help="build a tokenizer or generator preset on the meta device and print its parameters, latent shape and shift",
     )
-    info.add_argument("preset", help="preset name in configs/tokenizer or a YAML file")
+    info.add_argument("preset", help="preset name in configs/tokenizer, configs/t2i or configs/edit, or a YAML file")
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.latent.channels=64")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=run_info)
@@ -38,11 +38,32 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     from tokenizer.presets import describe_preset
+    from unimm.presets import describe_generator_preset, find_preset
 
-    description = describe_preset(args.preset, args.overrides)
+    if find_preset(args.preset) is not None or _is_generator_yaml(args.preset):
+        description = describe_generator_preset(args.preset, args.overrides)
+    else:
+        description = describe_preset(args.preset, args.overrides)
     if args.json:
         print(json.dumps(description))
         return 0
     for key, value in description.items():
         print(f"{key}: {value}")
     return 0
+
+
+def _is_generator_yaml(path: str) -> bool:
+    """A YAML file under configs/t2i or configs/edit, or one that sets generator-only keys."""
+    from pathlib import Path
+
+    from unimm.presets import PRESET_DIRS
+
+    file = Path(path)
+    if file.suffix not in (".yaml", ".yml") or not file.is_file():
+        return False
+    if any(directory in file.resolve().parents for directory in PRESET_DIRS):
+        return True
+    import yaml
+
+    data = yaml.safe_load(file.read_text()) or {}
+    return "sampling" in data or "tokenizer" in data

@@ -1,0 +1,42 @@
+"""Typed configuration of the generator model (the architecture only; training lives in unimm.train_config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class BackboneConfig:
+    # A hub id (Qwen/Qwen2.5-0.5B, -1.5B, -3B) or a local Qwen2-format directory (config.json, weights,
+    # tokenizer files). The same path serves the text tokenizer.
+    name_or_path: str = "Qwen/Qwen2.5-0.5B"
+    # Load the pretrained weights (False: the same architecture, randomly initialised).
+    pretrained: bool = True
+    # sdpa (default, any device) | eager | flex_attention | flash_attention_2 (optional GPU fast path: it
+    # cannot express the block mask, so it is used only where the mask allows; see docs/generator.md).
+    attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    # Longest caption kept (tokens); longer captions are truncated from the end.
+    max_text_tokens: int = 128
+
+
+@dataclass
+class HeadConfig:
+    """The wide DDT head (RAE's DiT^DH): a few wide adaLN blocks over the image tokens."""
+
+    hidden_size: int = 2048
+    depth: int = 2
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class GeneratorModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    # Latent channels C of the tokenizer (0: read from the tokenizer when the model is built for training).
+    latent_channels: int = 96
+    # Latents are cut into P x P patches, one token each (P = 1 for 16x16 semantic latents).
+    latent_patch_size: int = 1
+    # Sinusoidal features fed to the timestep MLPs.
+    timestep_frequency_size: int = 256

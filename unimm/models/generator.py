@@ -1,0 +1,197 @@
+"""The unified generator: a Qwen2 decoder shared by text and image tokens (Transfusion-style deep fusion),
+latent embeddings at its input, and the wide DDT head at its output.
+
+Image latents enter the backbone through a linear projection, plus the fixed 2D sin-cos code of their grid
+position, plus an embedding of their timestep (t = 0 for the clean input image of an edit), as in Bagel.
+The backbone's output at the noisy image tokens conditions the DDT head, which predicts the velocity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unimm.config import config_from_dict
+from unimm.errors import UserError
+from unimm.models.backbone import build_backbone, resolve_attention
+from unimm.models.config import GeneratorModelConfig
+from unimm.models.ddt_head import DDTHead
+from unimm.models.embeddings import TimestepEmbedder, patchify, sincos_2d_positions, unpatchify
+from unimm.models.sequence import TEXT, SequenceLayout
+
+CONFIG_FILE = "generator_config.json"
+WEIGHTS_FILE = "generator.safetensors"
+
+
+class UnimmGenerator(nn.Module):
+    def __init__(self, config: GeneratorModelConfig, backbone: nn.Module):
+        super().__init__()
+        if config.latent_channels < 1:
+            raise ValueError("latent_channels must be set (read it from the tokenizer) before building the generator")
+        self.config = config
+        self.backbone = backbone  # transformers Qwen2Model
+        hidden_size = backbone.config.hidden_size
+        self.token_size = config.latent_channels * config.latent_patch_size**2
+        self.latent_projection = nn.Linear(self.token_size, hidden_size)
+        self.timestep_embedder = TimestepEmbedder(hidden_size, config.timestep_frequency_size)
+        self.head = DDTHead(config.head, self.token_size, hidden_size, config.timestep_frequency_size)
+        nn.init.normal_(self.timestep_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.timestep_embedder.mlp[2].weight, std=0.02)
+
+    @classmethod
+    def build(cls, config: GeneratorModelConfig, pretrained: bool | None = None) -> UnimmGenerator:
+        """The backbone from `config.backbone` (its pretrained weights unless told otherwise), new embeddings and head."""
+        backbone_config = config.backbone
+        load = backbone_config.pretrained if pretrained is None else pretrained
+        backbone = build_backbone(backbone_config.name_or_path, load, backbone_config.attention)
+        return cls(config, backbone)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    # --------------------------------------------------------------------------------- embeddings
+    def embed_latents(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """latents (S, C, H, W), t (S,) -> backbone inputs (S, n, hidden)."""
+        patch = self.config.latent_patch_size
+        tokens = patchify(latents, patch).to(self.latent_projection.weight.dtype)
+        grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
+        positions = sincos_2d_positions(*grid, self.hidden_size, device=latents.device).to(tokens.dtype)
+        return self.latent_projection(tokens) + positions[None] + self.timestep_embedder(t)[:, None]
+
+    def input_embeddings(
+        self, layout: SequenceLayout, noisy_latents: torch.Tensor | None, t: torch.Tensor | None, clean_latents: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(rows, L, hidden): text embeddings, image embeddings at their slots, zeros at padding (and at the
+        noisy slots when `noisy_latents` is None, for encoding a prefix)."""
+        rows, length = layout.token_kinds.shape
+        text = self.backbone.embed_tokens(layout.input_ids)
+        flat = (text * (layout.token_kinds == TEXT)[..., None].to(text.dtype)).flatten(0, 1)
+        if noisy_latents is not None:
+            noisy = self.embed_latents(noisy_latents, t).to(flat.dtype)
+            flat = flat.index_copy(0, layout.noisy_index.flatten(), noisy.flatten(0, 1))
+        if len(layout.clean_samples):
+            if clean_latents is None or len(clean_latents) != len(layout.clean_samples):
+                raise ValueError(f"the layout has {len(layout.clean_samples)} clean images but {0 if clean_latents is None else len(clean_latents)} were given")
+            zero_time = torch.zeros(len(clean_latents), device=clean_latents.device)
+            clean = self.embed_latents(clean_latents, zero_time).to(flat.dtype)
+            flat = flat.index_copy(0, layout.clean_index.flatten(), clean.flatten(0, 1))
+        return flat.view(rows, length, -1)
+
+    def _mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The boolean visibility mask in the form the backbone's attention implementation takes."""
+        implementation = self.backbone.config._attn_implementation
+        if implementation == "eager":  # additive float mask
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        if implementation == "flex_attention":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            dense = mask[:, 0]
+            return create_block_mask(
+                lambda b, h, q, k: dense[b, q, k], dense.shape[0], None, dense.shape[1], dense.shape[2], device=str(mask.device)
+            )
+        return mask
+
+    def run_backbone(self, embeddings, mask, position_ids, past_key_values=None, use_cache: bool = False):
+        output = self.backbone(
+            inputs_embeds=embeddings,
+            attention_mask=self._mask(mask, embeddings.dtype),
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return output.last_hidden_state, output.past_key_values
+
+    def predict_velocity(self, hidden: torch.Tensor, noisy_latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """hidden (S, n, hidden) at the noisy tokens -> velocity (S, C, H, W)."""
+        patch = self.config.latent_patch_size
+        grid = (noisy_latents.shape[-2] // patch, noisy_latents.shape[-1] // patch)
+        tokens = patchify(noisy_latents, patch).to(hidden.dtype)
+        velocity = self.head(tokens, hidden, t, grid)
+        return unpatchify(velocity, patch, *grid)
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(
+        self, layout: SequenceLayout, noisy_latents: torch.Tensor, t: torch.Tensor, clean_latents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The whole sequence at once: noisy_latents (S, C, H, W) and t (S,) in sample order -> velocity (S, C, H, W)."""
+        embeddings = self.input_embeddings(layout, noisy_latents, t, clean_latents)
+        hidden, _ = self.run_backbone(embeddings, layout.attention_mask(), layout.position_ids)
+        noisy_hidden = hidden.flatten(0, 1)[layout.noisy_index.flatten()].view(*layout.noisy_index.shape, -1)
+        return self.predict_velocity(noisy_hidden, noisy_latents, t)
+
+    def encode_prefix(self, layout: SequenceLayout, clean_latents: torch.Tensor | None = None):
+        """Run the text (and clean input image) prefix once; returns its KV cache (None for an empty prefix).
+
+        Needs the aligned layout (`build_layout(..., rows=None)`): the prefix is the first `prefix_length` columns.
+        """
+        if layout.prefix_length < 0:
+            raise ValueError("the KV-cached path needs an aligned layout (one sample per row)")
+        prefix = layout.prefix_length
+        if prefix == 0:
+            return None
+        from transformers import DynamicCache
+
+        embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, :prefix]
+        mask = layout.attention_mask()[:, :, :prefix, :prefix]
+        _, cache = self.run_backbone(
+            embeddings, mask, layout.position_ids[:, :prefix], past_key_values=DynamicCache(config=self.backbone.config), use_cache=True
+        )
+        return cache
+
+    def forward_cached(self, layout: SequenceLayout, cache, noisy_latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One denoising step that reuses the prefix cache: only the n noisy tokens go through the backbone."""
+        prefix = layout.prefix_length
+        embeddings = self.embed_latents(noisy_latents, t)
+        mask = layout.attention_mask()[:, :, prefix:, :]
+        if cache is not None:
+            surplus = cache.get_seq_length() - prefix
+            if surplus > 0:
+                cache.crop(-surplus)  # drop the previous step's noisy keys/values
+        else:
+            mask = mask[:, :, :, prefix:]
+        hidden, _ = self.run_backbone(embeddings, mask, layout.position_ids[:, prefix:], past_key_values=cache, use_cache=cache is not None)
+        return self.predict_velocity(hidden, noisy_latents, t)
+
+    # ------------------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> Path:
+        """generator_config.json (our config + the backbone's Qwen2 config) and generator.safetensors."""
+        from safetensors.torch import save_file
+
+        from unimm.atomic import atomic_write
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        description = {"model": asdict(self.config), "backbone_config": self.backbone.config.to_dict()}
+        atomic_write(directory / CONFIG_FILE, lambda path: path.write_text(json.dumps(description, indent=2) + "\n"))
+        state = state_dict if state_dict is not None else self.state_dict()
+        tensors = {name: value.detach().contiguous().cpu() for name, value in state.items()}
+        atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, attention: str | None = None, map_location: str = "cpu") -> UnimmGenerator:
+        from safetensors.torch import load_file
+        from transformers import Qwen2Config, Qwen2Model
+
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+            raise UserError(f"{directory} is not a saved generator (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        description = json.loads((directory / CONFIG_FILE).read_text())
+        config = config_from_dict(GeneratorModelConfig, description["model"], source=str(directory / CONFIG_FILE))
+        backbone_config = Qwen2Config.from_dict(description["backbone_config"])
+        backbone_config._attn_implementation = resolve_attention(attention or config.backbone.attention)
+        model = cls(config, Qwen2Model(backbone_config))
+        state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"{directory / WEIGHTS_FILE} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
