@@ -51,6 +51,7 @@ from tokenizer.losses import (
 from tokenizer.model import SemanticAutoencoder
 from unimm.config import save_resolved_config
 from unimm.errors import UserError
+from unimm.training.logging import save_image_grid
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -482,12 +483,3 @@ def latent_statistics(model: SemanticAutoencoder, batches, device) -> tuple[torc
     mean = total / count
     var = total_squares / count - mean.pow(2)
     return mean.cpu(), var.clamp_min(0).cpu(), images_seen
-
-
-def save_image_grid(images: torch.Tensor, path: Path, columns: int) -> None:
-    from torchvision.utils import save_image
-
-    from unimm.atomic import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda temporary: save_image((images + 1) / 2, str(temporary), nrow=columns, format="png"))

@@ -86,11 +86,12 @@ class UnimmPipeline:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return pipeline.to(device)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, generator_state: dict | None = None) -> Path:
+        """`generator_state` replaces the generator's own weights (the trainer passes the EMA average)."""
         from unimm.atomic import atomic_write
 
         directory = Path(directory)
-        self.generator.save_pretrained(directory)
+        self.generator.save_pretrained(directory, state_dict=generator_state)
         self.text_tokenizer.save_pretrained(str(directory))
         self.image_tokenizer.save_pretrained(directory / IMAGE_TOKENIZER_DIR)
         settings = {"image_tokenizer": IMAGE_TOKENIZER_DIR, "sampling": asdict(self.sampling), "max_text_tokens": self.max_text_tokens}

@@ -285,9 +285,15 @@ class GeneratorTrainer:
         """A grid of EMA samples for the configured prompts (text-to-image runs)."""
         if not self.is_main or self.config.train.task != "text_to_image" or not self.config.train.sample_prompts:
             return
+        from unimm.training.ema import is_zero3_partitioned
+
+        if is_zero3_partitioned(list(self.unwrapped.parameters())):
+            # Sampling on one rank would gather sharded weights alone and hang; sample from the saved pipeline instead.
+            logger.write(f"step {self.step}: no sample grid under ZeRO-3 (sample from {self.output_dir / PIPELINE_DIR} after training)")
+            return
         from torchvision.transforms.functional import pil_to_tensor
 
-        from tokenizer.trainer import save_image_grid
+        from unimm.training.logging import save_image_grid
 
         model = self.unwrapped
         was_training = model.training
@@ -305,8 +311,9 @@ class GeneratorTrainer:
         if not self.is_main:
             return None
         destination = self.output_dir / PIPELINE_DIR
-        model = self.unwrapped
-        with self.ema.average_parameters(model):
-            self.pipeline().save_pretrained(destination)
+        # The EMA shadow is a full fp32 copy on every rank, also under ZeRO-3 where the live weights are sharded.
+        averaged = {**self.ema.shadow, **self.ema.buffers}
+        state = {name: averaged[name] for name in self.unwrapped.state_dict()}  # persistent entries only
+        self.pipeline().save_pretrained(destination, generator_state=state)
         print(f"saved the EMA pipeline to {destination}", flush=True)
         return destination

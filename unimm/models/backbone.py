@@ -60,12 +60,14 @@ def load_backbone_config(name_or_path: str, attention: str = "sdpa"):
 
 
 def resolve_attention(requested: str) -> str:
-    """flash-attn is optional: without it installed, fall back to PyTorch SDPA."""
-    if requested == "flash_attention_2":
-        import importlib.util
+    """The attention implementation the backbone runs with.
 
-        if importlib.util.find_spec("flash_attn") is None:
-            return "sdpa"
+    The generator's mask is block-causal (causal text, full image blocks, no attention across packed samples),
+    which `transformers`' flash_attention_2 path cannot express: it would silently apply a plain causal mask.
+    A request for it therefore runs PyTorch SDPA with the exact mask (on GPU, SDPA's memory-efficient kernel).
+    """
+    if requested == "flash_attention_2":
+        return "sdpa"
     return requested
 
 

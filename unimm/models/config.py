@@ -13,8 +13,8 @@ class BackboneConfig:
     name_or_path: str = "Qwen/Qwen2.5-0.5B"
     # Load the pretrained weights (False: the same architecture, randomly initialised).
     pretrained: bool = True
-    # sdpa (default, any device) | eager | flex_attention | flash_attention_2 (optional GPU fast path: it
-    # cannot express the block mask, so it is used only where the mask allows; see docs/generator.md).
+    # sdpa (default, any device) | eager | flex_attention (a BlockMask built from the same rule) |
+    # flash_attention_2, which runs as sdpa: transformers' flash path cannot express the block-causal mask.
     attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
     # Longest caption kept (tokens); longer captions are truncated from the end.
     max_text_tokens: int = 128

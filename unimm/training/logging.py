@@ -151,3 +151,13 @@ class TrainingLogger:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def save_image_grid(images: torch.Tensor, path: Path, columns: int) -> None:
+    """images (N, 3, H, W) in [-1, 1] -> one PNG grid, written atomically."""
+    from torchvision.utils import save_image
+
+    from unimm.atomic import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda temporary: save_image((images + 1) / 2, str(temporary), nrow=columns, format="png"))
