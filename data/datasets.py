@@ -24,7 +24,6 @@ from data.decode import (
     decode_image,
     lookup_field,
     pick_caption,
-    pick_text,
     text_candidates,
 )
 from data.index import ShardIndex
@@ -43,6 +42,29 @@ def split_request(request: int | tuple[int, int]) -> tuple[int, int]:
         epoch, sample_id = request
         return int(epoch), int(sample_id)
     return 0, int(request)
+
+
+def image_field_data(record: dict[str, Any], config: DataConfig) -> Any:
+    """The raw data of the first present image field; ``CorruptSample("missing image")`` if none."""
+    field = next((name for name in config.image_fields if record.get(name) is not None), None)
+    if field is None:
+        raise CorruptSample(REASON_MISSING_IMAGE)
+    return record[field]
+
+
+def edit_record_fields(record: dict[str, Any], config: DataConfig) -> tuple[list[str], Any, Any, str]:
+    """(every instruction candidate, source image data, edited image data, task) of an OmniEdit-layout record.
+
+    Instructions are checked first (cheap): a record without one is skipped before any image is decoded."""
+    instructions = text_candidates(lookup_field(record, config.instruction_field))
+    if not instructions:
+        raise CorruptSample(REASON_MISSING_INSTRUCTION)
+    source = lookup_field(record, config.source_image_field)
+    edited = lookup_field(record, config.edited_image_field)
+    if source is None or edited is None:
+        raise CorruptSample(REASON_MISSING_IMAGE)
+    task = text_candidates(lookup_field(record, config.task_field))
+    return instructions, source, edited, task[0] if task else ""
 
 
 class IndexedDataset(Dataset):
@@ -83,10 +105,7 @@ class TextToImageDataset(IndexedDataset):
     def build_sample(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         # Caption first: it is cheap, and a sample without one is skipped without decoding its image.
         caption = pick_caption(record, self.config.caption_fields, rng)
-        field = next((name for name in self.config.image_fields if record.get(name) is not None), None)
-        if field is None:
-            raise CorruptSample(REASON_MISSING_IMAGE)
-        return {"image": self.image_tensor(record[field]), "caption": caption}
+        return {"image": self.image_tensor(image_field_data(record, self.config)), "caption": caption}
 
 
 class ImageDataset(IndexedDataset):
@@ -94,10 +113,7 @@ class ImageDataset(IndexedDataset):
     reconstruction metrics); captions are not required."""
 
     def build_sample(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        field = next((name for name in self.config.image_fields if record.get(name) is not None), None)
-        if field is None:
-            raise CorruptSample(REASON_MISSING_IMAGE)
-        return {"image": self.image_tensor(record[field])}
+        return {"image": self.image_tensor(image_field_data(record, self.config))}
 
 
 class EditDataset(IndexedDataset):
@@ -105,18 +121,12 @@ class EditDataset(IndexedDataset):
     the instruction is drawn at random (seeded) from the instruction field's list."""
 
     def build_sample(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        config = self.config
-        instruction = pick_text(record, [config.instruction_field], rng, REASON_MISSING_INSTRUCTION)
-        source = lookup_field(record, config.source_image_field)
-        edited = lookup_field(record, config.edited_image_field)
-        if source is None or edited is None:
-            raise CorruptSample(REASON_MISSING_IMAGE)
-        task = text_candidates(lookup_field(record, config.task_field))
+        instructions, source, edited, task = edit_record_fields(record, self.config)
         return {
             "source_image": self.image_tensor(source),
             "edited_image": self.image_tensor(edited),
-            "instruction": instruction,
-            "task": task[0] if task else "",
+            "instruction": instructions[int(rng.integers(len(instructions)))],  # as pick_text draws
+            "task": task,
         }
 
 

@@ -35,10 +35,9 @@ import numpy as np
 import torch
 
 from data.config import DataConfig
-from data.datasets import IndexedDataset, sample_rng, split_request
+from data.datasets import IndexedDataset, edit_record_fields, image_field_data, sample_rng, split_request
 from data.decode import (
     REASON_MISSING_CAPTION,
-    REASON_MISSING_IMAGE,
     REASON_MISSING_INSTRUCTION,
     CorruptSample,
     lookup_field,
@@ -90,27 +89,17 @@ class _SourceDataset(IndexedDataset):
     def build_sample(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         config = self.config
         if config.kind == "edit":
-            instructions = text_candidates(lookup_field(record, config.instruction_field))
-            if not instructions:
-                raise CorruptSample(REASON_MISSING_INSTRUCTION)
-            source = lookup_field(record, config.source_image_field)
-            edited = lookup_field(record, config.edited_image_field)
-            if source is None or edited is None:
-                raise CorruptSample(REASON_MISSING_IMAGE)
-            task = text_candidates(lookup_field(record, config.task_field))
+            instructions, source, edited, task = edit_record_fields(record, config)
             return {
                 "source_image": self.image_tensor(source),
                 "edited_image": self.image_tensor(edited),
                 "instructions": instructions,
-                "task": task[0] if task else "",
+                "task": task,
             }
         captions = [text for name in config.caption_fields for text in text_candidates(lookup_field(record, name))]
         if not captions:
             raise CorruptSample(REASON_MISSING_CAPTION)
-        field = next((name for name in config.image_fields if record.get(name) is not None), None)
-        if field is None:
-            raise CorruptSample(REASON_MISSING_IMAGE)
-        return {"image": self.image_tensor(record[field]), "captions": captions}
+        return {"image": self.image_tensor(image_field_data(record, config)), "captions": captions}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,5 +13,5 @@ source scripts/setup_env.sh
   unimm cache-latents --tokenizer runs/mini-psvae/tokenizer --data runs/shapes-tok/t2i/train -o runs/shapes-latents \
     caption_fields=[txt] image_fields=[png]
 [ -f runs/mini-t2i/pipeline/generator.safetensors ] || unimm train --config mini-shapes > runs/mini-t2i.log 2>&1
-unimm eval shapes-geneval --model runs/mini-t2i/pipeline --tags single_object,colors --samples 4 \
-  --save-images runs/mini-t2i/geneval --out runs/mini-t2i/geneval.json
+unimm eval shapes --model runs/mini-t2i/pipeline --suites geneval --tags single_object,colors --samples 4 \
+  --out runs/mini-t2i/shapes-geneval.json

@@ -67,6 +67,19 @@ def test_interrupted_run_resumes_on_the_same_trajectory(generator_parts, shapes,
         torch.testing.assert_close(final_resumed[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_checkpointing_gives_the_same_losses(generator_parts, shapes, tmp_path):
+    plain = run_single_threaded(t2i_config(generator_parts, shapes, tmp_path / "plain", steps=3))
+    checkpointed_trainer = GeneratorTrainer(t2i_config(generator_parts, shapes, tmp_path / "checkpointed", steps=3, gradient_checkpointing=True))
+    assert checkpointed_trainer.unwrapped.backbone.is_gradient_checkpointing
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        checkpointed = checkpointed_trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    assert [record["loss"] for record in checkpointed] == pytest.approx([record["loss"] for record in plain], rel=1e-5)
+
+
 def test_training_on_a_latent_cache(generator_parts, shapes, tmp_path):
     tokenizer = generator_parts[0]
     assert main(["cache-latents", "--tokenizer", str(tokenizer), "--data", str(shapes / "t2i" / "train"), "-o", str(tmp_path / "cache"),
@@ -96,15 +109,22 @@ def test_editing_starts_from_text_to_image_and_both_pipelines_run_from_the_cli(g
     from PIL import Image
 
     assert Image.open(image).size == (32, 32)
-    results = tmp_path / "out" / "geneval.json"
-    assert main(["eval", "shapes-geneval", "--model", str(t2i_pipeline), "--tags", "single_object", "--samples", "1", "--steps", "2",
-                 "--out", str(results)]) == 0
-    scores = json.loads(results.read_text())
-    assert scores["images"] == 5 and set(scores["by_tag"]) == {"single_object"} and 0.0 <= scores["overall"] <= 1.0
+    suite = tmp_path / "out" / "suite.json"
+    assert main(["eval", "shapes", "--model", str(t2i_pipeline), "--suites", "geneval,dpg", "--tags", "single_object,colors",
+                 "--samples", "1", "--dpg-items", "2", "--steps", "2", "--out", str(suite)]) == 0
+    table = capsys.readouterr().out
+    assert "| ShapesGenEval | single_object |" in table and "| ShapesDPG | overall |" in table
+    written = json.loads(suite.read_text())
+    assert set(written["scores"]["shapes_geneval_by_tag"]) == {"single_object", "colors"}
+    assert written["protocol"]["steps"] == 2 and written["protocol"]["resolution"] == 32
     edited = tmp_path / "out" / "edited.png"
     assert main(["edit", str(image), "Make the circle blue.", "--model", str(tmp_path / "edit" / "pipeline"), "-o", str(edited),
                  "--steps", "2", "--image-cfg", "1.2"]) == 0
     assert Image.open(edited).size == (32, 32)
+    assert main(["eval", "shapes", "--model", str(tmp_path / "edit" / "pipeline"), "--suites", "edit", "--edit-pairs", "7",
+                 "--steps", "2", "--out", str(suite)]) == 0
+    scores = json.loads(suite.read_text())["scores"]
+    assert len(scores["shapes_edit_adherence_by_task"]) == 7 and 0.0 <= scores["shapes_edit_adherence"] <= 1.0
 
 
 @pytest.mark.parametrize(

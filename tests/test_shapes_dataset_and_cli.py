@@ -106,12 +106,12 @@ def test_help_lists_only_registered_working_commands(capsys):
     assert exit_info.value.code == 0
     listed = capsys.readouterr().out
     registered = set(build_parser()._subparsers._group_actions[0].choices)
-    assert len(COMMAND_MODULES) == 4
-    assert registered == {"shapes", "data", "eval", "train-tokenizer", "info"}
+    assert len(COMMAND_MODULES) == len(set(COMMAND_MODULES))
+    assert registered == {"shapes", "data", "eval", "train-tokenizer", "info", "cache-latents", "train", "generate", "edit", "export"}
     # Command names sit at a 4-space indent; wrapped help text is indented further.
     command_column = {line.split()[0] for line in listed.splitlines() if line.startswith("    ") and line[4:5] != " "}
-    for name in ("generate", "edit", "train", "export", "demo"):
-        assert name not in command_column  # not built yet, so not registered
+    assert registered <= command_column
+    assert "demo" not in command_column  # not built yet, so not registered
 
 
 def test_judge_prints_one_json_line_per_image(tmp_path, capsys):

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "unimm.cli.eval_command",
     "unimm.cli.cache_command",
     "unimm.cli.generator_command",
+    "unimm.cli.export_command",
 )
 
 

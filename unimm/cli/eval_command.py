@@ -1,9 +1,11 @@
-"""``unimm eval``: tokenizer metrics. ``recon``: PSNR, SSIM, LPIPS, rFID and the noise-robustness curve;
-``linprobe``: linear-probe accuracy of a tokenizer's latent or an encoder's features."""
+"""``unimm eval``: benchmarks and metrics. Tokenizers: ``recon`` (PSNR, SSIM, LPIPS, rFID and the noise-robustness
+curve) and ``linprobe`` (linear-probe accuracy of a tokenizer's latent or an encoder's features), here.
+Generators: ``shapes``, ``geneval``, ``dpg``, ``gedit``, ``editreward``, each in its module of EVAL_ACTION_MODULES."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -16,10 +18,20 @@ from unimm.errors import UserError
 PREPROCESSING = "shorter side resized (bicubic, antialiased) to the resolution, center crop, pixels in [-1, 1]"
 
 
+# Benchmark harnesses, each in its own module with `register_actions(actions)`.
+EVAL_ACTION_MODULES = (
+    "unimm.cli.eval_shapes_command",
+    "unimm.cli.eval_geneval_command",
+    "unimm.cli.eval_vlm_command",
+)
+
+
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="metrics: tokenizer reconstruction (rFID, PSNR, SSIM, LPIPS), linear probes, Shapes GenEval")
+    parser = subparsers.add_parser("eval", help="benchmarks: GenEval, DPG-Bench, GEdit-Bench, EditReward, the Shapes suite; tokenizer reconstruction and linear probes")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", title="actions", parser_class=IntermixedArgumentParser)
     actions.required = True
+    for module in EVAL_ACTION_MODULES:
+        importlib.import_module(module).register_actions(actions)
 
     recon = actions.add_parser("recon", help="reconstruction metrics and the noise-robustness curve of a saved tokenizer")
     recon.add_argument("--tokenizer", required=True, help="a SemanticAutoencoder save_pretrained directory")
@@ -40,20 +52,6 @@ def register(subparsers) -> None:
     recon.add_argument("--out", help="write the results as JSON here")
     recon.set_defaults(handler=run_recon)
 
-    geneval = actions.add_parser("shapes-geneval", help="GenEval on the Shapes world: generate for GenEval-format prompts, score with the exact judge")
-    geneval.add_argument("--model", required=True, help="pipeline directory (<run>/pipeline of unimm train)")
-    geneval.add_argument("--prompts", help="GenEval-format JSONL (default: the Shapes world's prompt set)")
-    geneval.add_argument("--tags", help="comma list of tags to keep, e.g. single_object,colors (default: all)")
-    geneval.add_argument("--samples", type=int, default=4, help="images per prompt (seeds seed .. seed+N-1; GenEval uses 4)")
-    geneval.add_argument("--seed", type=int, default=0)
-    geneval.add_argument("--steps", type=int, help="Euler steps (default: the pipeline's)")
-    geneval.add_argument("--cfg", type=float, help="guidance scale (default: the pipeline's)")
-    geneval.add_argument("--shift", type=float, help="inference shift (default: the pipeline's)")
-    geneval.add_argument("--batch-size", type=int, default=32)
-    geneval.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    geneval.add_argument("--save-images", help="write every generated image here")
-    geneval.add_argument("--out", help="write the results (per tag and per image) as JSON here")
-    geneval.set_defaults(handler=run_shapes_geneval)
 
     probe = actions.add_parser("linprobe", help="linear-probe accuracy of tokenizer latents or encoder features")
     source = probe.add_mutually_exclusive_group(required=True)
@@ -403,23 +401,4 @@ def run_linprobe(args: argparse.Namespace) -> int:
               f"{row['val_accuracy']:.4f} | {row['majority_val_accuracy']:.4f} | {row['weight_decay']:g} |")
     if args.out:
         _write_json(args.out, payload)
-    return 0
-
-
-def run_shapes_geneval(args: argparse.Namespace) -> int:
-    from eval.shapes_generation import evaluate_geneval, load_prompts
-    from unimm.pipeline import UnimmPipeline
-
-    prompts = load_prompts(args.prompts, [tag for tag in (args.tags or "").split(",") if tag] or None)
-    if args.samples < 1:
-        raise UserError("--samples must be at least 1")
-    pipeline = UnimmPipeline.from_pretrained(args.model, device=args.device)
-    sampling = {key: value for key, value in (("steps", args.steps), ("cfg", args.cfg), ("shift", args.shift)) if value is not None}
-    results = evaluate_geneval(pipeline, prompts, args.samples, args.seed, args.batch_size, args.save_images, **sampling)
-    summary = {key: value for key, value in results.items() if key != "records"}
-    print(json.dumps(summary))
-    if args.out:
-        from unimm.atomic import atomic_write_text
-
-        atomic_write_text(Path(args.out), json.dumps({**results, "model": args.model, "sampling": sampling}, indent=1) + "\n")
     return 0

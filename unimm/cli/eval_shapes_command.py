@@ -1,0 +1,87 @@
+"""`unimm eval shapes`: the Shapes benchmark suite (ShapesGenEval, ShapesDPG, ShapesEdit) on a pipeline."""
+
+from __future__ import annotations
+
+import argparse
+
+SUITES = ("geneval", "dpg", "edit")
+
+
+def register_actions(actions) -> None:
+    shapes = actions.add_parser(
+        "shapes", help="the Shapes suite: GenEval tags, dense-prompt questions, edits; scored exactly by the program judge"
+    )
+    shapes.add_argument("--model", required=True, help="pipeline directory (<run>/pipeline of unimm train)")
+    shapes.add_argument("--suites", default="geneval,dpg", help="comma list of geneval, dpg, edit (edit needs a model trained for editing)")
+    shapes.add_argument("--samples", type=int, default=4, help="images per GenEval prompt / DPG item (GenEval and DPG use 4)")
+    shapes.add_argument("--tags", help="GenEval tags to keep (default: all six)")
+    shapes.add_argument("--dpg-items", type=int, default=50, help="dense prompts in ShapesDPG")
+    shapes.add_argument("--edit-pairs", type=int, default=70, help="edit pairs in ShapesEdit (balanced over the 7 tasks)")
+    shapes.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
+    shapes.add_argument("--steps", type=int, help="Euler steps (default: the pipeline's)")
+    shapes.add_argument("--cfg", type=float, help="text guidance scale (default: the pipeline's)")
+    shapes.add_argument("--image-cfg", type=float, help="editing: input-image guidance scale (default: the pipeline's)")
+    shapes.add_argument("--shift", type=float, help="inference shift (default: the pipeline's)")
+    shapes.add_argument("--batch-size", type=int, default=32)
+    shapes.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    shapes.add_argument("--out", help="write scores, protocol and per-item details as JSON here")
+    shapes.set_defaults(handler=run_shapes)
+
+
+def run_shapes(args: argparse.Namespace) -> int:
+    from eval.results import markdown_table, write_results
+    from eval.shapes_generation import evaluate_geneval, load_prompts
+    from eval.shapes_suite import evaluate_shapes_dpg, evaluate_shapes_edit
+    from unimm.errors import UserError
+    from unimm.pipeline import UnimmPipeline
+
+    suites = [suite for suite in args.suites.split(",") if suite]
+    unknown = [suite for suite in suites if suite not in SUITES]
+    if unknown or not suites:
+        raise UserError(f"unknown suite(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SUITES)}")
+    if args.samples < 1 or args.dpg_items < 1 or args.edit_pairs < 1:
+        raise UserError("--samples, --dpg-items and --edit-pairs must be at least 1")
+    prompts = load_prompts(None, [tag for tag in (args.tags or "").split(",") if tag] or None) if "geneval" in suites else []
+    pipeline = UnimmPipeline.from_pretrained(args.model, device=args.device)
+    sampling = {key: value for key, value in (("steps", args.steps), ("cfg", args.cfg), ("shift", args.shift)) if value is not None}
+    scores, details, rows = {}, {}, []
+    if "geneval" in suites:
+        result = evaluate_geneval(pipeline, prompts, args.samples, args.seed, args.batch_size, **sampling)
+        scores["shapes_geneval"] = result["overall"]
+        scores["shapes_geneval_by_tag"] = result["by_tag"]
+        details["geneval"] = result["records"]
+        rows += [("ShapesGenEval", tag, value) for tag, value in result["by_tag"].items()] + [("ShapesGenEval", "overall", result["overall"])]
+    if "dpg" in suites:
+        result = evaluate_shapes_dpg(pipeline, args.dpg_items, args.samples, args.seed, batch_size=args.batch_size, **sampling)
+        scores["shapes_dpg"] = result["score"]
+        scores["shapes_dpg_by_category"] = result["by_category"]
+        details["dpg"] = result["item_scores"]
+        rows += [("ShapesDPG", category, value) for category, value in result["by_category"].items()] + [("ShapesDPG", "overall", result["score"])]
+    if "edit" in suites:
+        edit_sampling = dict(sampling, **({"image_cfg": args.image_cfg} if args.image_cfg is not None else {}))
+        result = evaluate_shapes_edit(pipeline, args.edit_pairs, args.seed, batch_size=args.batch_size, **edit_sampling)
+        scores["shapes_edit_adherence"] = result["adherence"]
+        scores["shapes_edit_adherence_by_task"] = result["adherence_by_task"]
+        scores["shapes_edit_consistency_psnr"] = result["consistency_psnr"]
+        rows += [("ShapesEdit adherence", task, value) for task, value in result["adherence_by_task"].items()]
+        rows += [("ShapesEdit adherence", "overall", result["adherence"]), ("ShapesEdit consistency (dB)", "overall", result["consistency_psnr"])]
+    print(markdown_table(("suite", "tag / category / task", "score"), rows))
+    if args.out:
+        sampler = pipeline.sampling
+        protocol = {
+            "judge": "Shapes program judge (data.shapes.judge)",
+            "model": args.model,
+            "resolution": pipeline.image_tokenizer.config.image_size,
+            "steps": sampling.get("steps", sampler.steps),
+            "cfg": sampling.get("cfg", sampler.cfg),
+            "image_cfg": args.image_cfg if args.image_cfg is not None else sampler.image_cfg,
+            "shift": sampling.get("shift", sampler.shift),
+            "seed": args.seed,
+            "samples": args.samples,
+            "suites": suites,
+            "dpg_items": args.dpg_items,
+            "edit_pairs": args.edit_pairs,
+            "prompt_sets": "built-in Shapes GenEval prompts (seed 0), dpg_questions(seed 0), shapes_edit_pairs(seed 0)",
+        }
+        write_results(args.out, scores, protocol, details)
+    return 0

@@ -1,0 +1,67 @@
+"""``unimm export``: write trained parts in other projects' layouts.
+
+``unimm export bagel-vit --tokenizer DIR -o OUT [--merge-into ema.safetensors] [--check-keys]
+[--dtype source|float32|bfloat16|float16] [--verify] [--device DEV] [--json]``: the SigLIP representation
+encoder of a tokenizer as Bagel's understanding ViT (PS-VAE §4.4): ``OUT/vit_model.safetensors`` +
+``OUT/vit_config.json`` (+ ``OUT/ema.safetensors`` with only the ``vit_model.*`` tensors replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from unimm.cli.arguments import IntermixedArgumentParser
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="export trained parts in other projects' checkpoint layouts (Bagel's ViT)")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", title="actions", parser_class=IntermixedArgumentParser)
+    actions.required = True
+    bagel = actions.add_parser(
+        "bagel-vit",
+        help="a SigLIP tokenizer's representation encoder as Bagel's understanding ViT (safetensors + vit_config.json)",
+        description=(
+            "Write the representation encoder of a SigLIP / SigLIP2-based tokenizer in Bagel's layout: keys under "
+            "vit_model.vision_model.*, no pooling head, the last encoder layer dropped, the patch convolution as a "
+            "Linear over (kh, kw, c)-flattened patches, the position table resized to 70x70 row-major (the encoder's "
+            "own transformers resize: bicubic for SigLIP, bilinear-antialias for SigLIP2 NaFlex). vit_config.json "
+            "follows Bagel's convention: num_hidden_layers counts the layer Bagel's loader drops."
+        ),
+    )
+    bagel.add_argument("--tokenizer", required=True, metavar="DIR", help="a tokenizer save_pretrained directory (or a transformers SigLIP encoder directory)")
+    bagel.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    bagel.add_argument("--merge-into", metavar="EMA", help="Bagel's ema.safetensors: write OUT/ema.safetensors with only its vit_model.* tensors replaced")
+    bagel.add_argument("--check-keys", action="store_true", help="print missing / unexpected / mis-shaped keys against Bagel's ViT (so400m/14, 26 layers, 980 px)")
+    bagel.add_argument("--dtype", choices=("source", "float32", "bfloat16", "float16"), default="source",
+                       help="stored dtype (default: the encoder's; merged tensors take the dtype of the ones they replace)")
+    bagel.add_argument("--verify", action="store_true", help="read the export back and compare its features with the encoder's on one 70x70-patch image")
+    bagel.add_argument("--device", default="cpu", help="device for --verify (default cpu)")
+    bagel.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bagel.set_defaults(handler=run_export_bagel_vit)
+
+
+def run_export_bagel_vit(args: argparse.Namespace) -> int:
+    from unimm.export.bagel import (
+        check_merge_target,
+        export_bagel_vit,
+        load_export_source,
+        verify_bagel_export,
+    )
+
+    check_merge_target(args.merge_into, args.output)
+    source = load_export_source(args.tokenizer)
+    report = export_bagel_vit(source, args.output, merge_into=args.merge_into, dtype=args.dtype)
+    difference = verify_bagel_export(source, args.output, device=args.device) if args.verify else None
+    if args.json:
+        payload = report.to_dict()
+        payload["matches_bagel"] = report.matches_bagel
+        if difference is not None:
+            payload["verify_max_abs_difference"] = difference
+        print(json.dumps(payload))
+        return 0
+    for line in report.lines(keys=args.check_keys):
+        print(line)
+    if difference is not None:
+        print(f"verify: max |exported - encoder| = {difference:.3g} on one {report.position_grid}x{report.position_grid}-patch image")
+    return 0
