@@ -107,7 +107,7 @@ def test_help_lists_only_registered_working_commands(capsys):
     listed = capsys.readouterr().out
     registered = set(build_parser()._subparsers._group_actions[0].choices)
     assert len(COMMAND_MODULES) == len(set(COMMAND_MODULES))
-    assert registered == {"shapes", "data", "eval", "train-tokenizer", "info", "cache-latents", "train", "generate", "edit", "export"}
+    assert registered == {"shapes", "data", "eval", "train-tokenizer", "info", "cache-latents", "train", "generate", "edit", "export", "understanding"}
     # Command names sit at a 4-space indent; wrapped help text is indented further.
     command_column = {line.split()[0] for line in listed.splitlines() if line.startswith("    ") and line[4:5] != " "}
     assert registered <= command_column

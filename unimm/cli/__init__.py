@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "unimm.cli.cache_command",
     "unimm.cli.generator_command",
     "unimm.cli.export_command",
+    "unimm.cli.understanding_command",
 )
 
 
