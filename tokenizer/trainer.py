@@ -89,17 +89,11 @@ def stage_at(plan: list[StagePlan], step: int) -> StagePlan:
 
 def learning_rate_at(config: TokenizerTrainingConfig, plan: list[StagePlan], step: int) -> float:
     """Warm-up at the start of every stage, then constant or cosine (over the stage) towards min_lr_ratio."""
-    from unimm.training.schedule import warmup_cosine_lr, warmup_factor
+    from unimm.training.schedule import scheduled_lr
 
     stage = stage_at(plan, step)
-    local = step - stage.start
-    base = stage.config.learning_rate
-    warmup = config.train.warmup_steps
-    if warmup and local < warmup:
-        return base * warmup_factor(local + 1, warmup)  # the first step already learns
-    if config.train.lr_schedule == "constant":
-        return base
-    return warmup_cosine_lr(local, base, warmup, stage.steps, config.train.min_lr_ratio)
+    train = config.train
+    return scheduled_lr(step - stage.start, stage.config.learning_rate, train.lr_schedule, train.warmup_steps, stage.steps, train.min_lr_ratio)
 
 
 def image_data_config(config: TokenizerTrainingConfig, shards: str, shuffle: bool = True, batch_size: int | None = None) -> DataConfig:

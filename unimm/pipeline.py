@@ -109,7 +109,7 @@ class UnimmPipeline:
 
     # ---------------------------------------------------------------------------------- helpers
     def encode_text(self, texts: list[str]) -> list[list[int]]:
-        from unimm.trainer import encode_text
+        from unimm.models.backbone import encode_text
 
         return encode_text(self.text_tokenizer, texts, self.max_text_tokens)
 

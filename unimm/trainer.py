@@ -18,7 +18,7 @@ from data.config import DataConfig
 from unimm.config import save_resolved_config
 from unimm.errors import UserError
 from unimm.flow import flow_matching_loss, interpolate, training_shift, training_timesteps
-from unimm.models.backbone import load_text_tokenizer
+from unimm.models.backbone import encode_text, load_text_tokenizer
 from unimm.models.generator import UnimmGenerator
 from unimm.models.sequence import SampleSpec, build_layout
 from unimm.train_config import GeneratorTrainingConfig
@@ -33,14 +33,10 @@ def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
 
 
 def learning_rate_at(config: GeneratorTrainingConfig, step: int) -> float:
-    from unimm.training.schedule import warmup_cosine_lr, warmup_factor
+    from unimm.training.schedule import scheduled_lr
 
     train = config.train
-    if train.warmup_steps and step < train.warmup_steps:
-        return train.learning_rate * warmup_factor(step + 1, train.warmup_steps)
-    if train.lr_schedule == "constant":
-        return train.learning_rate
-    return warmup_cosine_lr(step, train.learning_rate, train.warmup_steps, train.steps, train.min_lr_ratio)
+    return scheduled_lr(step, train.learning_rate, train.lr_schedule, train.warmup_steps, train.steps, train.min_lr_ratio)
 
 
 def load_frozen_tokenizer(path: str):
@@ -58,13 +54,6 @@ def load_frozen_tokenizer(path: str):
         raise UserError(f"tokenizer '{path}' has no latent statistics; it was not finalised by unimm train-tokenizer")
     tokenizer.requires_grad_(False)
     return tokenizer.eval()
-
-
-def encode_text(text_tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
-    if not texts:
-        return []
-    encoded = text_tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
-    return [list(ids) for ids in encoded]
 
 
 class GeneratorTrainer:

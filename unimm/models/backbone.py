@@ -101,3 +101,11 @@ def load_text_tokenizer(name_or_path: str):
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load the text tokenizer from '{name_or_path}' ({error.__class__.__name__}); pass a local directory with tokenizer files") from None
+
+
+def encode_text(text_tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Token ids of each text: no special tokens, truncated to `max_tokens`; an empty text gives no tokens."""
+    if not texts:
+        return []
+    encoded = text_tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+    return [list(ids) for ids in encoded]

@@ -58,6 +58,24 @@ def constant_with_warmup_lr(step: int, base_lr: float, warmup_steps: int) -> flo
     return base_lr * warmup_factor(step, warmup_steps)
 
 
+def scheduled_lr(
+    step: int, base_lr: float, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a pure function of the step, for trainers
+    that set it by hand (so an exact resume needs no scheduler state).
+
+    The warm-up counts the step being taken (``step + 1``), so the very first step already learns; after
+    it, ``schedule`` is "constant" (``base_lr``) or "cosine" (:func:`warmup_cosine_lr` over ``total_steps``).
+    """
+    if warmup_steps and step < warmup_steps:
+        return base_lr * warmup_factor(step + 1, warmup_steps)
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return warmup_cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr_ratio)
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
 def lr_multiplier(
     name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
 ) -> Callable[[int], float]:
