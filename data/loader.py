@@ -33,13 +33,28 @@ from unimm.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors along a new batch dimension; keep everything else (strings) as lists."""
+def collate_samples(samples: list[dict[str, Any]], pin_memory: bool = False) -> dict[str, Any]:
+    """Stack tensors along a new batch dimension (in page-locked memory with `pin_memory`, for fast
+    host-to-GPU copies); keep everything else (strings) as lists."""
     batch: dict[str, Any] = {}
     for name in samples[0]:
         values = [sample[name] for sample in samples]
-        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        if isinstance(values[0], torch.Tensor):
+            stacked = torch.stack(values)
+            batch[name] = stacked.pin_memory() if pin_memory and torch.cuda.is_available() else stacked
+        else:
+            batch[name] = values
     return batch
+
+
+def pack_chunk(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Worker side: tensors become numpy arrays, which travel pickled in the chunk's one message."""
+    return [{name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in sample.items()} for sample in samples]
+
+
+def unpack_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Main-process side of `pack_chunk` (a no-op for in-process samples, which hold tensors already)."""
+    return {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value for name, value in sample.items()}
 
 
 def format_skip_summary(delivered: int, skipped: dict[str, int]) -> str:
@@ -127,17 +142,21 @@ class ResumableLoader:
         # An own generator: creating the iterator would otherwise draw a base seed from the global torch RNG,
         # so a resumed run (which opens an extra iterator mid-epoch) would leave the training RNG stream.
         generator = torch.Generator().manual_seed(hash_seed(self.config.seed, epoch, consumed, self.rank))
-        samples = DataLoader(
+        workers = self.config.num_workers
+        chunks = DataLoader(
             self.dataset,
-            batch_size=None,
+            # Workers fetch chunks of consecutive requests and send them as numpy arrays: one tensor per
+            # sample through worker shared memory costs milliseconds each and starved GPU runs (a
+            # 256-sample batch of latents took 2.5 s with 4 workers against 0.04 s in-process).
+            batch_size=self.worker_chunk_size() if workers else 1,
             sampler=requests,
-            num_workers=self.config.num_workers,
-            pin_memory=self.pin_memory,
+            collate_fn=pack_chunk if workers else list,
+            num_workers=workers,
             generator=generator,
         )
         good: list[dict[str, Any]] = []
         pending_skips: Counter[str] = Counter()
-        for sample in samples:
+        for sample in (unpack_sample(item) for chunk in chunks for item in chunk):
             consumed += 1
             if "corrupt" in sample:
                 pending_skips[sample["corrupt"]] += 1
@@ -148,17 +167,21 @@ class ResumableLoader:
                 # Commit before yielding: a state saved right after this batch must include it.
                 self._commit(consumed, pending_skips, len(good))
                 pending_skips = Counter()
-                batch, good = collate_samples(good), []
+                batch, good = collate_samples(good, self.pin_memory), []
                 yield batch
         if good and not self.config.drop_last:
             self._commit(consumed, pending_skips, len(good))
             pending_skips = Counter()
-            batch, good = collate_samples(good), []
+            batch, good = collate_samples(good, self.pin_memory), []
             yield batch
         # End of epoch: the tail was seen in full, so its skips count; a dropped partial batch does not.
         self._commit(consumed, pending_skips, 0)
         self.epoch = epoch + 1
         self.position = 0
+
+    def worker_chunk_size(self) -> int:
+        """Requests per worker message: a few per worker per batch, so workers still take turns within one."""
+        return max(1, min(64, self.config.batch_size // (2 * max(1, self.config.num_workers))))
 
     def _commit(self, position: int, skips: Counter[str], delivered: int) -> None:
         self.position = position

@@ -129,3 +129,10 @@ def test_parse_override_values():
     assert parse_override("a=true") == ("a", True)
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     assert parse_override("a=") == ("a", "")
+
+
+def test_a_bare_yaml_no_on_the_command_line_means_the_word_no():
+    # `train.mixed_precision=no` parses as YAML false; the choices are words, so it means "no".
+    from unimm.train_config import GeneratorTrainingConfig
+
+    assert build_config(GeneratorTrainingConfig, [], ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -187,3 +187,15 @@ def test_deepspeed_two_process_run_is_killed_and_resumes_on_the_same_trajectory(
 def write_golden(generator_parts, shapes, tmp_path) -> None:  # pragma: no cover - run by hand when the model changes
     records = run_single_threaded(t2i_config(generator_parts, shapes, tmp_path / "golden", steps=GOLDEN_STEPS))
     GOLDEN.write_text(json.dumps({"steps": GOLDEN_STEPS, "loss": [record["loss"] for record in records]}, indent=1) + "\n")
+
+
+def test_a_time_limited_run_ends_with_a_checkpoint_and_a_pipeline_and_resumes(generator_parts, shapes, tmp_path, capsys):
+    config = t2i_config(generator_parts, shapes, tmp_path / "run", steps=6, time_limit_minutes=1e-9, checkpoint_every=1000)
+    trainer = GeneratorTrainer(config)
+    records = trainer.train()
+    assert len(records) == 1 and trainer.stopped_by_time_limit  # checked at every log step (log_every=1)
+    assert (tmp_path / "run" / "pipeline" / "generator.safetensors").is_file()
+    assert "time limit of 1e-09 min reached at step 1" in capsys.readouterr().out
+    config.train.time_limit_minutes = 0.0
+    resumed = GeneratorTrainer(config)
+    assert resumed.step == 1 and len(resumed.train()) == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -585,3 +586,17 @@ def test_threaded_index_build_matches_single_thread(tmp_path):
     threaded = ShardIndex.build(DataConfig(shards=[str(tmp_path / "shards")], index_threads=4, index_cache_dir=""))
     assert [table.path for table in threaded.shards] == [table.path for table in single.shards]
     assert [threaded.read_record(i)["__key__"] for i in range(90)] == [f"k{i:04d}" for i in range(90)]
+
+
+def test_worker_processes_deliver_the_same_batches_and_skips_as_in_process_reading(tmp_path):
+    # Workers send chunks of samples as numpy arrays (data.loader.pack_chunk); order, tensors and the
+    # skipped-sample accounting must be exactly those of reading in the main process.
+    samples, _ = mixed_samples()
+    config = write_dataset(tmp_path, "webdataset", samples, batch_size=8, drop_last=False, caption_fields=["txt", "json.caption_llava"])
+    in_process = ResumableLoader(TextToImageDataset(config), config)
+    reference = all_batches(in_process)
+    with_workers_config = dataclasses.replace(config, num_workers=2)
+    with_workers = ResumableLoader(TextToImageDataset(with_workers_config), with_workers_config)
+    assert with_workers.worker_chunk_size() == 2  # 8 // (2 * 2): workers still alternate within a batch
+    assert_same_batches(all_batches(with_workers), reference)
+    assert with_workers.skip_report() == in_process.skip_report() and sum(in_process.skip_report()["skipped"].values()) > 0

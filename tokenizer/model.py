@@ -292,6 +292,7 @@ class SemanticAutoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> SemanticAutoencoder:
+        from tokenizer.checkpoint_names import match_state_dict_names
         from unimm.config import apply_delta
 
         directory = Path(directory)
@@ -311,6 +312,7 @@ class SemanticAutoencoder(nn.Module):
         state = load_file(str(directory / WEIGHTS_NAME), device=map_location)
         if (directory / STATISTICS_NAME).is_file():
             state.update(load_file(str(directory / STATISTICS_NAME), device=map_location))
+        state = match_state_dict_names(state, model.state_dict().keys())  # saved under another transformers release
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(f"'{directory}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")

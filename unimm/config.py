@@ -179,8 +179,13 @@ def coerce_value(value: Any, declared: Any, dotted: str, source: str = "config")
                 continue
         raise fail(" or ".join(_type_name(a) for a in arguments))
     if origin is typing.Literal:
-        if value in arguments:
+        if value in arguments and type(value) is type(next(a for a in arguments if a == value)):
             return value
+        # YAML 1.1 reads a bare no/off/yes/on as a boolean: give it back the word when the choices are words.
+        if isinstance(value, bool):
+            for word in (("no", "off", "false") if not value else ("yes", "on", "true")):
+                if word in arguments:
+                    return word
         close = difflib.get_close_matches(str(value), [str(a) for a in arguments], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(

@@ -60,14 +60,17 @@ class UnimmPipeline:
 
     # ------------------------------------------------------------------------------ persistence
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None, attention: str | None = None) -> UnimmPipeline:
-        """Load from a local pipeline directory or a hub repository id."""
+    def from_pretrained(cls, name_or_path: str | Path | None = None, device: str | torch.device | None = None,
+                        attention: str | None = None) -> UnimmPipeline:
+        """Load from a local pipeline directory or a hub repository id; with none, the shipped Shapes
+        text-to-image model (`unimm.defaults`, which also has the editing one)."""
         from tokenizer.model import SemanticAutoencoder
         from unimm.config import apply_delta
+        from unimm.defaults import default_model
         from unimm.models.backbone import load_text_tokenizer
         from unimm.models.generator import UnimmGenerator
 
-        path = Path(name_or_path).expanduser()
+        path = Path(name_or_path if name_or_path is not None else default_model("text_to_image")).expanduser()
         if not path.is_dir():
             try:
                 from huggingface_hub import snapshot_download
@@ -86,15 +89,19 @@ class UnimmPipeline:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return pipeline.to(device)
 
-    def save_pretrained(self, directory: str | Path, generator_state: dict | None = None) -> Path:
-        """`generator_state` replaces the generator's own weights (the trainer passes the EMA average)."""
+    def save_pretrained(self, directory: str | Path, generator_state: dict | None = None, image_tokenizer_path: str | None = None) -> Path:
+        """`generator_state` replaces the generator's own weights (the trainer passes the EMA average).
+        `image_tokenizer_path` (relative to `directory`) references an image tokenizer saved elsewhere, e.g. one
+        shared by several pipelines, instead of writing a copy into ``tokenizer/``."""
         from unimm.atomic import atomic_write
 
         directory = Path(directory)
         self.generator.save_pretrained(directory, state_dict=generator_state)
         self.text_tokenizer.save_pretrained(str(directory))
-        self.image_tokenizer.save_pretrained(directory / IMAGE_TOKENIZER_DIR)
-        settings = {"image_tokenizer": IMAGE_TOKENIZER_DIR, "sampling": asdict(self.sampling), "max_text_tokens": self.max_text_tokens}
+        if image_tokenizer_path is None:
+            self.image_tokenizer.save_pretrained(directory / IMAGE_TOKENIZER_DIR)
+        settings = {"image_tokenizer": image_tokenizer_path or IMAGE_TOKENIZER_DIR, "sampling": asdict(self.sampling),
+                    "max_text_tokens": self.max_text_tokens}
         atomic_write(directory / PIPELINE_FILE, lambda path: path.write_text(json.dumps(settings, indent=2) + "\n"))
         return directory
 

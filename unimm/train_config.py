@@ -64,6 +64,10 @@ class GeneratorTrainConfig:
     sample_every: int = 1000
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
+    # Wall-clock budget of one invocation in minutes (0: none). When it runs out the run ends early as if
+    # `steps` were reached: checkpoint + final pipeline at the step it got to (for time-boxed jobs; a later
+    # invocation resumes towards `steps`). The step reached is in the logs and the resolved config.
+    time_limit_minutes: float = 0.0
     # Prompts of the periodic sample grids (text-to-image) and the sampler used for them.
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a red circle", "a photo of two blue squares"])
     sample_steps: int = 25

@@ -106,6 +106,7 @@ class GeneratorTrainer:
         self.ema = ExponentialMovingAverage(self.unwrapped, decay=train.ema_decay, warmup=train.ema_warmup)
         self.loader = self._build_loader()
         self.step = 0
+        self.stopped_by_time_limit = False
         if resume:
             self._maybe_resume()
 
@@ -243,12 +244,25 @@ class GeneratorTrainer:
                 logger.write(json.dumps({**record, "elapsed_s": round(time.time() - started, 1)}))
             if train.sample_every and (self.step % train.sample_every == 0 or self.step == train.steps):
                 self.log_samples(logger)
+            if train.time_limit_minutes and self.step % train.log_every == 0 and self._out_of_time(started):
+                logger.write(f"time limit of {train.time_limit_minutes} min reached at step {self.step}: finishing here")
+                stop = self.step
+                self.stopped_by_time_limit = True
             if self.step % train.checkpoint_every == 0 or self.step == stop:
                 self.save_checkpoint()
         logger.flush()
-        if self.step >= train.steps:
+        if self.step >= train.steps or self.stopped_by_time_limit:
             self.finalize()
         return records
+
+    def _out_of_time(self, started: float) -> bool:
+        """The same verdict on every process (the main process's clock decides), so all stop at one step."""
+        over = torch.tensor([float(time.time() - started > 60.0 * self.config.train.time_limit_minutes)], device=self.device)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            over = broadcast(over, from_process=0)
+        return bool(over.item())
 
     def save_checkpoint(self) -> None:
         from unimm.training.state import save_training_state

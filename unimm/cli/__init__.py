@@ -16,6 +16,7 @@ from unimm.errors import UserError
 
 # Only subcommands that are built are listed; a module is added here when its command works end to end.
 COMMAND_MODULES = (
+    "unimm.cli.demo_command",
     "unimm.cli.shapes_command",
     "unimm.cli.data_command",
     "unimm.cli.tokenizer_command",

@@ -4,6 +4,9 @@
 [--dtype source|float32|bfloat16|float16] [--verify] [--device DEV] [--json]``: the SigLIP representation
 encoder of a tokenizer as Bagel's understanding ViT (PS-VAE §4.4): ``OUT/vit_model.safetensors`` +
 ``OUT/vit_config.json`` (+ ``OUT/ema.safetensors`` with only the ``vit_model.*`` tensors replaced).
+
+``unimm export shapes-default [--run runs/shapes-default] [-o checkpoints/shapes]``: the trained Shapes
+text-to-image and editing pipelines as the shipped embedded default (``unimm.defaults``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ def register(subparsers) -> None:
     bagel.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bagel.set_defaults(handler=run_export_bagel_vit)
 
+    shapes = actions.add_parser(
+        "shapes-default",
+        help="package the trained Shapes text-to-image and editing pipelines as the shipped default (checkpoints/shapes)",
+    )
+    shapes.add_argument("--run", default="runs/shapes-default", help="run directory of scripts/shapes_default.sh (t2i/, edit/)")
+    shapes.add_argument("--tokenizer-run", default="runs/mini-psvae", help="the tokenizer's run directory (its logs are copied)")
+    shapes.add_argument("--encoder-run", default="runs/shapes-encoder", help="the representation encoder's run directory (its logs are copied)")
+    shapes.add_argument("-o", "--output", default="checkpoints/shapes", help="output directory (replaced)")
+    shapes.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="stored weight dtype")
+    shapes.set_defaults(handler=run_export_shapes_default)
+
 
 def run_export_bagel_vit(args: argparse.Namespace) -> int:
     from unimm.export.bagel import (
@@ -64,4 +78,25 @@ def run_export_bagel_vit(args: argparse.Namespace) -> int:
         print(line)
     if difference is not None:
         print(f"verify: max |exported - encoder| = {difference:.3g} on one {report.position_grid}x{report.position_grid}-patch image")
+    return 0
+
+
+def run_export_shapes_default(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from unimm.defaults import package_default_checkpoints
+
+    run = Path(args.run)
+
+    def optional(path: Path) -> Path | None:
+        return path if path.is_file() else None
+
+    report = package_default_checkpoints(
+        run / "t2i" / "pipeline", run / "edit" / "pipeline", args.output, dtype=args.dtype,
+        t2i_scores=optional(run / "t2i" / "shapes.json"), edit_scores=optional(run / "edit" / "shapes.json"),
+        logs={"encoder": args.encoder_run, "tokenizer": args.tokenizer_run, "t2i": run / "t2i", "edit": run / "edit"},
+    )
+    for name, size in report["files"].items():
+        print(f"{size / 1e6:8.2f} MB  {name}")
+    print(f"{report['total_bytes'] / 1e6:8.2f} MB  in all -> {report['output']} ({report['dtype']})")
     return 0

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
 
     generate = subparsers.add_parser("generate", help="text-to-image: sample images for prompts from a pipeline directory")
     generate.add_argument("prompts", nargs="+", help="one image per prompt")
-    generate.add_argument("--model", required=True, help="pipeline directory (<run>/pipeline) or hub id")
+    generate.add_argument("--model", help="pipeline directory (<run>/pipeline) or hub id (default: the shipped Shapes model, checkpoints/shapes/t2i)")
     generate.add_argument("-o", "--output", required=True, help="output PNG; with several prompts, NAME-0.png, NAME-1.png, ...")
     _sampling_arguments(generate)
     generate.add_argument("--size", type=int, help="output size in pixels (default: the tokenizer's)")
@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     edit = subparsers.add_parser("edit", help="edit an image by an instruction with a pipeline trained for editing")
     edit.add_argument("image", help="input image file")
     edit.add_argument("instruction", help="what to change")
-    edit.add_argument("--model", required=True, help="pipeline directory (<run>/pipeline) or hub id")
+    edit.add_argument("--model", help="pipeline directory (<run>/pipeline) or hub id (default: the shipped Shapes model, checkpoints/shapes/edit)")
     edit.add_argument("-o", "--output", required=True, help="output PNG")
     _sampling_arguments(edit)
     edit.add_argument("--image-cfg", type=float, help="input-image guidance scale")
@@ -61,7 +61,7 @@ def _output_paths(output: str, count: int) -> list[Path]:
 def run_generate(args: argparse.Namespace) -> int:
     from unimm.pipeline import UnimmPipeline
 
-    pipeline = UnimmPipeline.from_pretrained(args.model, device=args.device)
+    pipeline = UnimmPipeline.from_pretrained(args.model, device=args.device)  # None: the shipped model
     images = pipeline(args.prompts, steps=args.steps, cfg=args.cfg, shift=args.shift, seed=args.seed, size=args.size, use_kv_cache=not args.no_kv_cache)
     for image, path in zip(images, _output_paths(args.output, len(images))):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,9 @@ def run_edit(args: argparse.Namespace) -> int:
         image.load()
     except (OSError, UnidentifiedImageError) as error:
         raise UserError(f"cannot read the input image '{args.image}' ({error.__class__.__name__}); pass a PNG or JPEG file") from None
-    pipeline = UnimmPipeline.from_pretrained(args.model, device=args.device)
+    from unimm.defaults import default_model
+
+    pipeline = UnimmPipeline.from_pretrained(args.model or default_model("edit"), device=args.device)
     edited = pipeline.edit(
         image, args.instruction, steps=args.steps, cfg=args.cfg, image_cfg=args.image_cfg, shift=args.shift, seed=args.seed,
         use_kv_cache=not args.no_kv_cache,

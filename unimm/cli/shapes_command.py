@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     dataset = actions.add_parser("dataset", help="write text-to-image shards, edit pairs and prompt files")
     dataset.add_argument("-o", "--output", required=True, help="output directory")
     dataset.add_argument("--config", action="append", default=[], help="YAML delta (repeatable), e.g. configs/shapes/demo.yaml")
+    dataset.add_argument("--workers", type=int, default=1, help="rendering processes (the output is the same for any number)")
     dataset.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_train=500 resolution=256")
     dataset.set_defaults(handler=run_dataset)
 
@@ -89,7 +90,9 @@ def run_dataset(args: argparse.Namespace) -> int:
     config = build_config(ShapesDatasetConfig, args.config, args.overrides)
     if config.resolution < 16:
         raise UserError(f"resolution={config.resolution} is too small; use 16 or more (64 and 256 are the usual)")
-    summary = write_shapes_dataset(config, args.output, progress=sys.stderr.isatty())
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, not {args.workers}")
+    summary = write_shapes_dataset(config, args.output, progress=sys.stderr.isatty(), workers=args.workers)
     print(json.dumps(summary))
     return 0
 

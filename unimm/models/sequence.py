@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PAD, TEXT, CLEAN_IMAGE, NOISY_IMAGE = -1, 0, 1, 2
@@ -70,29 +71,21 @@ def visibility(query_samples, query_blocks, key_samples, key_blocks) -> torch.Te
 
 
 def _sample_tokens(spec: SampleSpec, tokens_per_image: int):
-    """(kinds, ids, blocks, positions) of one sample, each a list, prefix first and the noisy image last."""
-    kinds, ids, blocks, positions = [], [], [], []
-    block = position = 0
-    if spec.has_clean_image:
-        kinds += [CLEAN_IMAGE] * tokens_per_image
-        ids += [0] * tokens_per_image
-        blocks += [block] * tokens_per_image
-        positions += [position] * tokens_per_image
-        block += 1
-        position += 1
-    for token in spec.text_ids:
-        kinds.append(TEXT)
-        ids.append(int(token))
-        blocks.append(block)
-        positions.append(position)
-        block += 1
-        position += 1
-    prefix = len(kinds)
-    kinds += [NOISY_IMAGE] * tokens_per_image
-    ids += [0] * tokens_per_image
-    blocks += [block] * tokens_per_image
-    positions += [position] * tokens_per_image
-    return kinds, ids, blocks, positions, prefix
+    """(kinds, ids, blocks, positions) of one sample as int64 arrays, prefix first and the noisy image last,
+    and the prefix length."""
+    clean = tokens_per_image if spec.has_clean_image else 0
+    text = len(spec.text_ids)
+    prefix = clean + text
+    kinds = np.full(prefix + tokens_per_image, NOISY_IMAGE, dtype=np.int64)
+    kinds[:clean] = CLEAN_IMAGE
+    kinds[clean:prefix] = TEXT
+    ids = np.zeros(prefix + tokens_per_image, dtype=np.int64)
+    ids[clean:prefix] = np.asarray(spec.text_ids, dtype=np.int64)
+    # The clean image is block (and position) 0 when present; each text token one more; the noisy image last.
+    first = 1 if clean else 0
+    steps = np.concatenate([np.zeros(clean, dtype=np.int64), first + np.arange(text, dtype=np.int64),
+                            np.full(tokens_per_image, first + text, dtype=np.int64)])
+    return kinds, ids, steps, steps, prefix
 
 
 def build_layout(samples: list[SampleSpec], grid: tuple[int, int], rows: list[list[int]] | None = None) -> SequenceLayout:
@@ -101,7 +94,7 @@ def build_layout(samples: list[SampleSpec], grid: tuple[int, int], rows: list[li
     rows=None puts one sample per row and aligns every noisy block at the end of its row (padding goes
     between the prefix and the noisy block), so the noisy tokens are the last n columns everywhere: the
     layout the KV-cached sampler needs. ``rows=[[0, 2], [1]]`` packs samples 0 and 2 into one row
-    (padding at the end of each row).
+    (padding at the end of each row). Built with numpy and converted once: it runs every training step.
     """
     tokens_per_image = grid[0] * grid[1]
     pieces = [_sample_tokens(spec, tokens_per_image) for spec in samples]
@@ -117,12 +110,12 @@ def build_layout(samples: list[SampleSpec], grid: tuple[int, int], rows: list[li
         length = max(sum(len(pieces[index][0]) for index in row) for row in rows)
 
     shape = (len(rows), length)
-    input_ids = torch.zeros(shape, dtype=torch.long)
-    token_kinds = torch.full(shape, PAD, dtype=torch.long)
-    sample_ids = torch.full(shape, -1, dtype=torch.long)
-    block_ids = torch.zeros(shape, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    noisy_index = torch.zeros(len(samples), tokens_per_image, dtype=torch.long)
+    input_ids = np.zeros(shape, dtype=np.int64)
+    token_kinds = np.full(shape, PAD, dtype=np.int64)
+    sample_ids = np.full(shape, -1, dtype=np.int64)
+    block_ids = np.zeros(shape, dtype=np.int64)
+    position_ids = np.zeros(shape, dtype=np.int64)
+    noisy_index = np.zeros((len(samples), tokens_per_image), dtype=np.int64)
     clean_index, clean_samples = [], []
     for row_number, row in enumerate(rows):
         column = 0
@@ -130,33 +123,30 @@ def build_layout(samples: list[SampleSpec], grid: tuple[int, int], rows: list[li
             kinds, ids, blocks, positions, prefix = pieces[sample]
             if aligned:
                 # prefix at the start, noisy block at the very end; pads between them repeat the last position
-                columns = list(range(prefix)) + list(range(length - tokens_per_image, length))
-                pad_columns = range(prefix, length - tokens_per_image)
-                position_ids[row_number, list(pad_columns)] = positions[prefix] if pad_columns else 0
+                columns = np.concatenate([np.arange(prefix), np.arange(length - tokens_per_image, length)])
+                position_ids[row_number, prefix:length - tokens_per_image] = positions[prefix]
             else:
-                columns = list(range(column, column + len(kinds)))
+                columns = np.arange(column, column + len(kinds))
                 column += len(kinds)
-            columns_tensor = torch.tensor(columns, dtype=torch.long)
-            input_ids[row_number, columns_tensor] = torch.tensor(ids, dtype=torch.long)
-            token_kinds[row_number, columns_tensor] = torch.tensor(kinds, dtype=torch.long)
-            sample_ids[row_number, columns_tensor] = sample
-            block_ids[row_number, columns_tensor] = torch.tensor(blocks, dtype=torch.long)
-            position_ids[row_number, columns_tensor] = torch.tensor(positions, dtype=torch.long)
-            flat = row_number * length + columns_tensor
-            kinds_tensor = torch.tensor(kinds)
-            noisy_index[sample] = flat[kinds_tensor == NOISY_IMAGE]
+            input_ids[row_number, columns] = ids
+            token_kinds[row_number, columns] = kinds
+            sample_ids[row_number, columns] = sample
+            block_ids[row_number, columns] = blocks
+            position_ids[row_number, columns] = positions
+            flat = row_number * length + columns
+            noisy_index[sample] = flat[kinds == NOISY_IMAGE]
             if samples[sample].has_clean_image:
-                clean_index.append(flat[kinds_tensor == CLEAN_IMAGE])
+                clean_index.append(flat[kinds == CLEAN_IMAGE])
                 clean_samples.append(sample)
     order = sorted(range(len(clean_samples)), key=lambda position: clean_samples[position])
     return SequenceLayout(
-        input_ids=input_ids,
-        token_kinds=token_kinds,
-        sample_ids=sample_ids,
-        block_ids=block_ids,
-        position_ids=position_ids,
-        noisy_index=noisy_index,
-        clean_index=torch.stack([clean_index[i] for i in order]) if clean_index else torch.zeros(0, tokens_per_image, dtype=torch.long),
+        input_ids=torch.from_numpy(input_ids),
+        token_kinds=torch.from_numpy(token_kinds),
+        sample_ids=torch.from_numpy(sample_ids),
+        block_ids=torch.from_numpy(block_ids),
+        position_ids=torch.from_numpy(position_ids),
+        noisy_index=torch.from_numpy(noisy_index),
+        clean_index=torch.from_numpy(np.stack([clean_index[i] for i in order])) if clean_index else torch.zeros(0, tokens_per_image, dtype=torch.long),
         clean_samples=torch.tensor([clean_samples[i] for i in order], dtype=torch.long),
         grid=grid,
         prefix_length=prefix_length,
