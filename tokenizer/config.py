@@ -162,7 +162,7 @@ class TrainConfig:
     deepspeed_config: str = ""  # e.g. configs/deepspeed/zero2.json
     seed: int = 0
     log_every: int = 50
-    image_every: int = 1000
+    image_every: int = 1000  # 0: no reconstruction grids
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     stats_images: int = 2048  # images used for the exact per-channel latent statistics after training

@@ -392,7 +392,7 @@ class TokenizerTrainer:
             if self.step % train.log_every == 0 or self.step == stop:
                 logger.log_scalars({key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "step"}, self.step)
                 logger.write(json.dumps({**record, "elapsed_s": round(time.time() - started, 1)}))
-            if self.step % train.image_every == 0 or self.step == self.total_steps:
+            if train.image_every and (self.step % train.image_every == 0 or self.step == self.total_steps):
                 self.log_reconstructions(logger)
             if self.step % train.checkpoint_every == 0 or self.step == stop:
                 self.save_checkpoint()
