@@ -8,6 +8,13 @@ SUITES = ("geneval", "dpg", "edit")
 
 
 def register_actions(actions) -> None:
+    table = actions.add_parser(
+        "tokenizer-table", help="one table of tokenizer runs: reconstruction, linear probe, Shapes suite of their generators (Table 4)"
+    )
+    table.add_argument("--root", required=True, help="directory holding one run directory per tokenizer (scripts/mini_table4.sh)")
+    table.add_argument("names", nargs="+", help="run directory names, in row order (e.g. mini-vae mini-rae mini-svae mini-psvae)")
+    table.set_defaults(handler=run_tokenizer_table)
+
     shapes = actions.add_parser(
         "shapes", help="the Shapes suite: GenEval tags, dense-prompt questions, edits; scored exactly by the program judge"
     )
@@ -84,4 +91,16 @@ def run_shapes(args: argparse.Namespace) -> int:
             "prompt_sets": "built-in Shapes GenEval prompts (seed 0), dpg_questions(seed 0), shapes_edit_pairs(seed 0)",
         }
         write_results(args.out, scores, protocol, details)
+    return 0
+
+
+def run_tokenizer_table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eval.tokenizer_comparison import comparison_table
+    from unimm.errors import UserError
+
+    if not Path(args.root).is_dir():
+        raise UserError(f"--root {args.root} is not a directory; run scripts/mini_table4.sh first")
+    print(comparison_table(args.root, args.names))
     return 0
