@@ -18,23 +18,20 @@ ATTENTION_RENAMES = (
 )
 
 
+def _counterpart(name: str, expected: set[str]) -> str:
+    """`name` under the other naming when the model knows that one, else `name` itself."""
+    for older, newer in ATTENTION_RENAMES:
+        for source, target in ((older, newer), (newer, older)):
+            candidate = name.replace(source, target)
+            if source in name and candidate in expected:
+                return candidate
+    return name
+
+
 def match_state_dict_names(state: dict, expected_names: Iterable[str]) -> dict:
     """`state` with each key the model does not know renamed to its counterpart under the other naming,
     when the model knows that one (other keys are left alone, so real mismatches still show up)."""
     expected = set(expected_names)
     if expected.issuperset(state):
         return state
-    matched = {}
-    for name, tensor in state.items():
-        if name not in expected:
-            for older, newer in ATTENTION_RENAMES:
-                for source, target in ((older, newer), (newer, older)):
-                    candidate = name.replace(source, target)
-                    if source in name and candidate in expected:
-                        name = candidate
-                        break
-                else:
-                    continue
-                break
-        matched[name] = tensor
-    return matched
+    return {name if name in expected else _counterpart(name, expected): tensor for name, tensor in state.items()}

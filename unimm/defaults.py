@@ -52,23 +52,22 @@ def shipped_scores() -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _cast_safetensors(path: Path, dtype_name: str, keep: tuple[str, ...] = ()) -> None:
-    """Rewrite a safetensors file with its floating-point tensors in `dtype_name` (names in `keep` untouched)."""
-    import torch
+def _floating_to(tensors: dict, dtype) -> dict:
+    """`tensors` with the floating-point ones cast to `dtype` (integer buffers such as counts stay as they are)."""
+    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
+
+
+def _cast_safetensors(path: Path, dtype) -> None:
+    """Rewrite a safetensors file with its floating-point tensors in `dtype`."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from unimm.atomic import atomic_write
 
-    dtype = getattr(torch, dtype_name)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    cast = {
-        name: tensor.to(dtype) if tensor.is_floating_point() and name not in keep else tensor
-        for name, tensor in tensors.items()
-    }
-    atomic_write(path, lambda target: save_file(cast, str(target), metadata=metadata))
+    atomic_write(path, lambda target: save_file(_floating_to(tensors, dtype), str(target), metadata=metadata))
 
 
 def _summary_scores(t2i_scores: dict | None, edit_scores: dict | None) -> dict:
@@ -114,13 +113,13 @@ def package_default_checkpoints(
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    stored_dtype = getattr(torch, dtype)
     tokenizer_dir = pipelines["t2i"].image_tokenizer.save_pretrained(staging / SHARED_TOKENIZER_DIR)
-    _cast_safetensors(tokenizer_dir / "model.safetensors", dtype)
+    _cast_safetensors(tokenizer_dir / "model.safetensors", stored_dtype)
     SemanticAutoencoder.from_pretrained(tokenizer_dir)  # the cast file must load back
     for name, pipeline in pipelines.items():
-        state = {key: value.to(getattr(torch, dtype)) if value.is_floating_point() else value
-                 for key, value in pipeline.generator.state_dict().items()}
-        pipeline.save_pretrained(staging / name, generator_state=state, image_tokenizer_path=f"../{SHARED_TOKENIZER_DIR}")
+        pipeline.save_pretrained(staging / name, generator_state=_floating_to(pipeline.generator.state_dict(), stored_dtype),
+                                 image_tokenizer_path=f"../{SHARED_TOKENIZER_DIR}")
 
     scores = _summary_scores(
         json.loads(Path(t2i_scores).read_text()) if t2i_scores else None,

@@ -339,16 +339,14 @@ class UnderstandingModel(nn.Module):
 
     @classmethod
     def build(cls, config: UnderstandingConfig, encoder_dim: int) -> UnderstandingModel:
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers import Qwen2ForCausalLM
 
-        from data.shapes.text_model import train_text_tokenizer
+        from data.shapes.text_model import small_qwen2_config, train_text_tokenizer
 
         tokenizer = train_text_tokenizer(qa_language())
-        llm_config = Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-            intermediate_size=config.intermediate_size, max_position_embeddings=256, tie_word_embeddings=True,
-            rope_theta=10000.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        llm_config = small_qwen2_config(
+            tokenizer, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+            config.num_key_value_heads, config.intermediate_size, max_position_embeddings=256,
         )
         torch.manual_seed(config.seed)
         llm = Qwen2ForCausalLM(llm_config)

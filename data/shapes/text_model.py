@@ -60,27 +60,40 @@ def train_text_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD_TOKEN, unk_token=UNKNOWN_TOKEN)
 
 
-def write_shapes_text_model(out_dir: str | Path, config: ShapesTextModelConfig | None = None) -> Path:
-    """Write tokenizer files + config.json + model.safetensors of a small random Qwen2 decoder to `out_dir`."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def small_qwen2_config(tokenizer, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
+                       num_key_value_heads: int, intermediate_size: int, max_position_embeddings: int):
+    """A small Qwen2 decoder config over a word tokenizer of `train_text_tokenizer`: tied embeddings, and the
+    pad token doubling as end of text (Qwen2.5's convention). Shared by the Shapes text model and the
+    miniature understanding model's LLM."""
+    from transformers import Qwen2Config
 
-    config = config or ShapesTextModelConfig()
-    out_dir = Path(out_dir)
-    tokenizer = train_text_tokenizer(shapes_corpus(config.corpus_scenes, config.seed))
-    qwen_config = Qwen2Config(
+    return Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
         rope_theta=10000.0,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+    )
+
+
+def write_shapes_text_model(out_dir: str | Path, config: ShapesTextModelConfig | None = None) -> Path:
+    """Write tokenizer files + config.json + model.safetensors of a small random Qwen2 decoder to `out_dir`."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    config = config or ShapesTextModelConfig()
+    out_dir = Path(out_dir)
+    tokenizer = train_text_tokenizer(shapes_corpus(config.corpus_scenes, config.seed))
+    qwen_config = small_qwen2_config(
+        tokenizer, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+        config.num_key_value_heads, config.intermediate_size, config.max_position_embeddings,
     )
     torch.manual_seed(config.seed)
     # Saved as Qwen2ForCausalLM, the class of the Qwen2.5 hub checkpoints, so both load the same way.
