@@ -71,3 +71,50 @@ def evaluate_geneval(pipeline, prompts: list[dict], samples_per_prompt: int = 4,
         "samples_per_prompt": samples_per_prompt,
         "records": records,
     }
+
+
+class RenderedSceneOracle:
+    """A stand-in "generator" that draws, for each prompt, a true scene of its spec (`scene_for_spec`, seeded
+    by the image's seed), optionally passed through a tokenizer's encode/decode.
+
+    Scored by `evaluate_geneval` it gives the ceilings of ShapesGenEval: with no tokenizer, what the judge
+    itself reads from perfect images; with one, the best any generator can do that decodes through it (a
+    perfect generator produces exactly the latents of true scenes).
+    """
+
+    def __init__(self, prompts: list[dict], tokenizer=None, resolution: int = 64):
+        self.specs = {prompt["prompt"]: prompt for prompt in prompts}
+        self.tokenizer = tokenizer
+        self.resolution = int(tokenizer.config.image_size) if tokenizer is not None else int(resolution)
+
+    def __call__(self, prompts: list[str], seed: list[int], **_sampling):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from data.shapes.prompts import scene_for_spec
+        from data.shapes.render import render_scene_array
+
+        # One scene per (prompt, seed): the same scenes for the judge's and the tokenizer's ceiling.
+        arrays = [
+            render_scene_array(scene_for_spec(self.specs[prompt], np.random.default_rng([int(image_seed), sum(map(ord, prompt))])), self.resolution)
+            for prompt, image_seed in zip(prompts, seed)
+        ]
+        if self.tokenizer is None:
+            return [Image.fromarray(array) for array in arrays]
+        parameter = next(self.tokenizer.parameters())
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(parameter.device, torch.float32) / 127.5 - 1.0
+        with torch.no_grad():
+            reconstructed = self.tokenizer.decode(self.tokenizer.encode(images)).float().clamp(-1.0, 1.0)
+        pixels = ((reconstructed + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(array) for array in pixels]
+
+
+def evaluate_geneval_ceilings(tokenizer, prompts: list[dict], samples_per_prompt: int = 4, seed: int = 0, batch_size: int = 32,
+                              progress: bool = True) -> dict:
+    """ShapesGenEval of true renders ("judge") and of their tokenizer round trips ("tokenizer")."""
+    judge = evaluate_geneval(RenderedSceneOracle(prompts, None, tokenizer.config.image_size), prompts, samples_per_prompt, seed,
+                             batch_size, progress=progress)
+    through_tokenizer = evaluate_geneval(RenderedSceneOracle(prompts, tokenizer), prompts, samples_per_prompt, seed, batch_size,
+                                         progress=progress)
+    return {"judge": judge, "tokenizer": through_tokenizer}

@@ -65,3 +65,29 @@ def test_prompt_files_and_bad_tags(tmp_path):
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(UserError, match="not JSON"):
         load_prompts(str(tmp_path / "broken.jsonl"))
+
+
+def test_ceilings_true_scenes_pass_and_the_tokenizer_round_trip_is_scored(generator_parts, tmp_path, capsys):
+    from eval.shapes_generation import RenderedSceneOracle, evaluate_geneval_ceilings
+    from tokenizer.model import SemanticAutoencoder
+    from unimm.cli import main
+
+    tokenizer_dir = generator_parts[0]
+    prompts = [prompt for prompt in load_prompts(None) if prompt["tag"] in ("single_object", "position")][::8]
+    # True scenes, as the judge reads them: every prompt passes at 64 px.
+    assert evaluate_geneval(RenderedSceneOracle(prompts, None, 64), prompts, 2, progress=False)["overall"] == 1.0
+    tokenizer = SemanticAutoencoder.from_pretrained(tokenizer_dir)
+    images = RenderedSceneOracle(prompts, tokenizer)([prompts[0]["prompt"]] * 2, seed=[0, 1])
+    assert images[0].size == (tokenizer.config.image_size,) * 2 and images[0].tobytes() != images[1].tobytes()
+    ceilings = evaluate_geneval_ceilings(tokenizer, prompts, 1, progress=False)
+    assert set(ceilings) == {"judge", "tokenizer"}
+    assert ceilings["tokenizer"]["images"] == len(prompts)
+    assert ceilings["tokenizer"]["overall"] < 1.0  # an untrained tokenizer cannot keep the scenes
+
+    out = tmp_path / "ceiling.json"
+    assert main(["eval", "shapes", "--tokenizer", str(tokenizer_dir), "--suites", "ceiling", "--tags", "single_object",
+                 "--samples", "1", "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())["scores"]
+    assert scores["shapes_geneval_ceiling_judge_by_tag"] == {"single_object": pytest.approx(scores["shapes_geneval_ceiling_judge"])}
+    assert main(["eval", "shapes", "--suites", "ceiling"]) == 2
+    assert "needs --tokenizer" in capsys.readouterr().err

@@ -148,6 +148,11 @@ class TrainConfig:
     teacher_steps: int = 0  # GAE: pre-train the semantic downsampler E_sp with D_sp first
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
+    # Pixel-decoder fine-tuning after the other stages (or alone, from `init_from`): the encoder, the
+    # bottleneck and the latent statistics stay fixed, so the latent space -- and every generator trained
+    # on it -- is unchanged while the decoder learns sharper reconstructions (SD's "ft-MSE" decoders).
+    decoder: StageConfig = field(default_factory=StageConfig)
+    init_from: str = ""  # a tokenizer save_pretrained directory whose weights (and statistics) start the run
     discriminator_learning_rate: float = 1e-4
     warmup_steps: int = 0  # linear warm-up at the start of every stage
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up, within each stage

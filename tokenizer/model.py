@@ -226,12 +226,19 @@ class SemanticAutoencoder(nn.Module):
         train_backbone: bool = True,
         teacher_tokens: torch.Tensor | None = None,
         teacher_stage: bool = False,
+        decoder_only: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Everything the losses need for one batch.
 
         `teacher_tokens` (B, N, D): the frozen teacher's patch tokens, for GAE's semantic downsampler.
         `teacher_stage`: GAE's first stage — only E_sp and D_sp run (cosine feature distillation).
+        `decoder_only`: the pixel-decoder stage — encoder and bottleneck run without a graph.
         """
+        if decoder_only:
+            with torch.no_grad():
+                pre_bottleneck, _ = self._pre_bottleneck(images, train_backbone=False)
+                latent, _ = self.bottleneck(pre_bottleneck, sample=sample)
+            return {"latent": latent, "reconstruction": self.pixel_decoder(latent)}
         if teacher_stage:
             teacher_map = tokens_to_map(teacher_tokens, math.isqrt(teacher_tokens.shape[1]))
             return {"teacher_reconstruction": map_to_tokens(self.semantic_teacher_decoder(self.semantic_downsampler(teacher_map)))}

@@ -8,6 +8,9 @@ Stages run back to back on one global step counter:
   only have this stage.
 - stage 2 (`train.stage2`): end to end (`train_encoder`), semantic / feature losses taken against a frozen
   copy of the original encoder (the teacher, reloaded from its pretrained weights).
+- decoder (`train.decoder`): only the pixel decoder learns, on sampled latents of the fixed encoder; with
+  `train.init_from` it fine-tunes a finished tokenizer without moving its latent space (the saved latent
+  statistics are kept), so generators trained on that tokenizer decode better without retraining.
 
 One optimizer holds every parameter of the model for the whole run (so DeepSpeed sees a fixed set);
 parts that are frozen in a stage simply run without a graph and get no gradient. The discriminator has
@@ -58,7 +61,7 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclass
 class StagePlan:
-    name: str  # teacher | stage1 | stage2
+    name: str  # teacher | stage1 | stage2 | decoder
     start: int
     steps: int
     config: StageConfig
@@ -70,13 +73,13 @@ def stage_plan(config: TokenizerTrainingConfig) -> list[StagePlan]:
     if train.teacher_steps:
         plan.append(StagePlan("teacher", start, train.teacher_steps, StageConfig(steps=train.teacher_steps, learning_rate=train.stage1.learning_rate)))
         start += train.teacher_steps
-    for name in ("stage1", "stage2"):
+    for name in ("stage1", "stage2", "decoder"):
         stage = getattr(train, name)
         if stage.steps:
             plan.append(StagePlan(name, start, stage.steps, stage))
             start += stage.steps
     if not plan:
-        raise UserError("the schedule has no steps; set train.stage1.steps and/or train.stage2.steps")
+        raise UserError("the schedule has no steps; set train.stage1.steps, train.stage2.steps and/or train.decoder.steps")
     return plan
 
 
@@ -117,6 +120,16 @@ def image_data_config(config: TokenizerTrainingConfig, shards: str, shuffle: boo
     )
 
 
+def load_tokenizer_weights(model: SemanticAutoencoder, directory: str) -> None:
+    """Start `model` from a saved tokenizer (weights and latent statistics); its architecture must match."""
+    source = SemanticAutoencoder.from_pretrained(directory)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise UserError(f"train.init_from='{directory}' does not fit this preset's model ({first}); start from the preset it was trained with") from None
+
+
 class TokenizerTrainer:
     def __init__(self, config: TokenizerTrainingConfig, resume: bool = True):
         from accelerate.utils import DistributedDataParallelKwargs
@@ -143,6 +156,10 @@ class TokenizerTrainer:
         torch.manual_seed(train.seed)  # identical initial weights on every rank
 
         model = SemanticAutoencoder.build(config.model, pretrained_encoder=True)
+        if train.init_from:
+            load_tokenizer_weights(model, train.init_from)
+        # Only a decoder-stage schedule started from a finished tokenizer keeps that tokenizer's latent space.
+        self.keeps_latent_space = bool(train.init_from) and all(stage.name == "decoder" for stage in self.plan)
         self.encoder_kind = model.backbone.kind if model.backbone is not None else ""
         self.teacher = self._build_teacher()
         self.perceptual = None
@@ -259,6 +276,12 @@ class TokenizerTrainer:
             return loss, {"teacher_cosine": loss.item()}, None
 
         teacher_tokens = teacher_global = None
+        if stage.name == "decoder":
+            outputs = self.model(images, sample=True, decoder_only=True)
+            terms = {"pixel": pixel_reconstruction_loss(outputs["reconstruction"], images, loss_config.pixel_kind) * loss_config.pixel_weight}
+            if self.perceptual is not None:
+                terms["perceptual"] = self.perceptual(outputs["reconstruction"], images) * loss_config.perceptual_weight
+            return sum(terms.values()), {name: value.item() for name, value in terms.items()}, None
         if self.teacher is not None and (stage.config.train_encoder or self.config.model.encoder.role == "teacher"):
             with torch.no_grad():
                 teacher_tokens, teacher_global = self.teacher.patch_and_global_tokens(images)
@@ -441,10 +464,15 @@ class TokenizerTrainer:
         model.eval()
         destination = self.output_dir / TOKENIZER_DIR
         with self.ema.average_parameters(model):
-            mean, var, count = latent_statistics(model, self._statistics_batches(), self.device)
-            model.set_latent_statistics(mean.float(), var.float(), count)
+            if self.keeps_latent_space:
+                count = int(model.latent_statistics_count)  # the encoder never moved: its statistics still hold
+                note = f"latent space and statistics kept from {self.config.train.init_from}"
+            else:
+                mean, var, count = latent_statistics(model, self._statistics_batches(), self.device)
+                model.set_latent_statistics(mean.float(), var.float(), count)
+                note = f"latent statistics over {count} images"
             model.save_pretrained(destination)
-        print(f"saved the EMA tokenizer to {destination} (latent statistics over {count} images)", flush=True)
+        print(f"saved the EMA tokenizer to {destination} ({note})", flush=True)
         return destination
 
     def _statistics_batches(self):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-SUITES = ("geneval", "dpg", "edit")
+SUITES = ("geneval", "dpg", "edit", "ceiling")
 
 
 def register_actions(actions) -> None:
@@ -18,8 +18,15 @@ def register_actions(actions) -> None:
     shapes = actions.add_parser(
         "shapes", help="the Shapes suite: GenEval tags, dense-prompt questions, edits; scored exactly by the program judge"
     )
-    shapes.add_argument("--model", required=True, help="pipeline directory (<run>/pipeline of unimm train)")
-    shapes.add_argument("--suites", default="geneval,dpg", help="comma list of geneval, dpg, edit (edit needs a model trained for editing)")
+    shapes.add_argument("--model", help="pipeline directory (<run>/pipeline of unimm train)")
+    shapes.add_argument(
+        "--tokenizer", help="a tokenizer save_pretrained directory, for --suites ceiling without a generator (default: the model's)"
+    )
+    shapes.add_argument(
+        "--suites", default="geneval,dpg",
+        help="comma list of geneval, dpg, edit (edit needs a model trained for editing), ceiling (ShapesGenEval of true "
+        "scenes as the judge reads them, and after the tokenizer's encode/decode: the best a generator can score)",
+    )
     shapes.add_argument("--samples", type=int, default=4, help="images per GenEval prompt / DPG item (GenEval and DPG use 4)")
     shapes.add_argument("--tags", help="GenEval tags to keep (default: all six)")
     shapes.add_argument("--dpg-items", type=int, default=50, help="dense prompts in ShapesDPG")
@@ -37,7 +44,7 @@ def register_actions(actions) -> None:
 
 def run_shapes(args: argparse.Namespace) -> int:
     from eval.results import markdown_table, write_results
-    from eval.shapes_generation import evaluate_geneval, load_prompts
+    from eval.shapes_generation import evaluate_geneval, evaluate_geneval_ceilings, load_prompts
     from eval.shapes_suite import evaluate_shapes_dpg, evaluate_shapes_edit
     from unimm.errors import UserError
     from unimm.pipeline import UnimmPipeline
@@ -48,8 +55,14 @@ def run_shapes(args: argparse.Namespace) -> int:
         raise UserError(f"unknown suite(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SUITES)}")
     if args.samples < 1 or args.dpg_items < 1 or args.edit_pairs < 1:
         raise UserError("--samples, --dpg-items and --edit-pairs must be at least 1")
-    prompts = load_prompts(None, [tag for tag in (args.tags or "").split(",") if tag] or None) if "geneval" in suites else []
-    pipeline = UnimmPipeline.from_pretrained(args.model, device=args.device)
+    generating = [suite for suite in suites if suite != "ceiling"]
+    if generating and not args.model:
+        raise UserError(f"--suites {','.join(generating)} needs --model <pipeline directory>")
+    if "ceiling" in suites and not (args.model or args.tokenizer):
+        raise UserError("--suites ceiling needs --tokenizer <tokenizer directory> or --model <pipeline directory>")
+    tags = [tag for tag in (args.tags or "").split(",") if tag] or None
+    prompts = load_prompts(None, tags) if "geneval" in suites or "ceiling" in suites else []
+    pipeline = UnimmPipeline.from_pretrained(args.model, device=args.device) if args.model else None
     sampling = {key: value for key, value in (("steps", args.steps), ("cfg", args.cfg), ("shift", args.shift)) if value is not None}
     scores, details, rows = {}, {}, []
     if "geneval" in suites:
@@ -72,17 +85,27 @@ def run_shapes(args: argparse.Namespace) -> int:
         scores["shapes_edit_consistency_psnr"] = result["consistency_psnr"]
         rows += [("ShapesEdit adherence", task, value) for task, value in result["adherence_by_task"].items()]
         rows += [("ShapesEdit adherence", "overall", result["adherence"]), ("ShapesEdit consistency (dB)", "overall", result["consistency_psnr"])]
+    if "ceiling" in suites:
+        tokenizer = pipeline.image_tokenizer if pipeline is not None and not args.tokenizer else _load_tokenizer(args.tokenizer, args.device)
+        result = evaluate_geneval_ceilings(tokenizer, prompts, args.samples, args.seed, args.batch_size)
+        for reader, outcome in result.items():
+            scores[f"shapes_geneval_ceiling_{reader}"] = outcome["overall"]
+            scores[f"shapes_geneval_ceiling_{reader}_by_tag"] = outcome["by_tag"]
+            details[f"ceiling_{reader}"] = outcome["records"]
+            label = "ceiling: true scenes" if reader == "judge" else "ceiling: true scenes through the tokenizer"
+            rows += [(label, tag, value) for tag, value in outcome["by_tag"].items()] + [(label, "overall", outcome["overall"])]
     print(markdown_table(("suite", "tag / category / task", "score"), rows))
     if args.out:
-        sampler = pipeline.sampling
+        sampler = pipeline.sampling if pipeline is not None else None
         protocol = {
             "judge": "Shapes program judge (data.shapes.judge)",
             "model": args.model,
-            "resolution": pipeline.image_tokenizer.config.image_size,
-            "steps": sampling.get("steps", sampler.steps),
-            "cfg": sampling.get("cfg", sampler.cfg),
-            "image_cfg": args.image_cfg if args.image_cfg is not None else sampler.image_cfg,
-            "shift": sampling.get("shift", sampler.shift),
+            "tokenizer": args.tokenizer,
+            "resolution": (pipeline.image_tokenizer if pipeline is not None else tokenizer).config.image_size,
+            "steps": sampling.get("steps", sampler.steps) if sampler else None,
+            "cfg": sampling.get("cfg", sampler.cfg) if sampler else None,
+            "image_cfg": (args.image_cfg if args.image_cfg is not None else sampler.image_cfg) if sampler else None,
+            "shift": sampling.get("shift", sampler.shift) if sampler else None,
             "seed": args.seed,
             "samples": args.samples,
             "suites": suites,
@@ -92,6 +115,18 @@ def run_shapes(args: argparse.Namespace) -> int:
         }
         write_results(args.out, scores, protocol, details)
     return 0
+
+
+def _load_tokenizer(directory: str, device: str | None):
+    from pathlib import Path
+
+    from tokenizer.model import SemanticAutoencoder
+    from unimm.errors import UserError
+
+    if not Path(directory).is_dir():
+        raise UserError(f"--tokenizer {directory} is not a directory; pass a tokenizer save_pretrained directory")
+    model = SemanticAutoencoder.from_pretrained(directory)
+    return model.to(device) if device else model
 
 
 def run_tokenizer_table(args: argparse.Namespace) -> int:
