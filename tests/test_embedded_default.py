@@ -56,6 +56,32 @@ def test_export_writes_one_shared_half_precision_tokenizer_and_both_pipelines(pa
     assert "details" not in scores["text_to_image"]
 
 
+def test_export_swaps_in_a_decoder_stage_tokenizer_and_refuses_another_latent_space(packaged, generator_parts, tmp_path, capsys):
+    from tokenizer.model import SemanticAutoencoder
+
+    run, _ = packaged
+    original = SemanticAutoencoder.from_pretrained(generator_parts[0])
+    tuned = SemanticAutoencoder.from_pretrained(generator_parts[0])
+    with torch.no_grad():  # what the decoder stage changes, and only that
+        for parameter in tuned.pixel_decoder.parameters():
+            parameter.add_(0.01)
+    assert original.latent_space_differences(tuned) == []
+    tuned.save_pretrained(tmp_path / "decoder-run" / "tokenizer")
+    out = tmp_path / "swapped"
+    assert main(["export", "shapes-default", "--run", str(run), "--tokenizer-run", str(run / "none"), "--encoder-run",
+                 str(run / "none"), "--decoder-run", str(tmp_path / "decoder-run"), "--dtype", "float32", "-o", str(out)]) == 0
+    shipped = UnimmPipeline.from_pretrained(out / "t2i").image_tokenizer
+    assert all(torch.equal(a, b) for a, b in zip(shipped.state_dict().values(), tuned.state_dict().values()))
+
+    with torch.no_grad():
+        tuned.latent_mean.add_(0.5)  # other statistics: the generators would be fed wrongly scaled latents
+    assert original.latent_space_differences(tuned) == ["latent_mean"]
+    tuned.save_pretrained(tmp_path / "other-run" / "tokenizer")
+    assert main(["export", "shapes-default", "--run", str(run), "--tokenizer-run", str(run / "none"), "--encoder-run",
+                 str(run / "none"), "--decoder-run", str(tmp_path / "other-run"), "-o", str(tmp_path / "refused")]) == 2
+    assert "another latent space" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
 def test_exported_pipelines_sample_like_the_originals(packaged):
     run, out = packaged
     prompts = ["a photo of a red circle", "a photo of two blue squares"]

@@ -276,6 +276,20 @@ class SemanticAutoencoder(nn.Module):
         mean, std = self.latent_mean.view(1, -1, 1, 1), self.latent_var.clamp_min(1e-12).sqrt().view(1, -1, 1, 1)
         return latents * std.to(latents) + mean.to(latents)
 
+    def latent_space_differences(self, other: SemanticAutoencoder) -> list[str]:
+        """Names of the tensors outside the pixel decoder in which `other` differs from this tokenizer.
+
+        Empty when both encode every image to the same latents with the same statistics -- e.g. after the
+        decoder stage -- so one's pixel decoder can stand in for the other's under a trained generator.
+        """
+        mine, theirs = self.state_dict(), other.state_dict()
+        names = sorted((set(mine) | set(theirs)) - {name for name in mine if name.startswith("pixel_decoder.")})
+        return [
+            name for name in names
+            if name not in mine or name not in theirs or mine[name].shape != theirs[name].shape
+            or not torch.equal(mine[name].float(), theirs[name].float())
+        ]
+
     # ------------------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)

@@ -87,12 +87,14 @@ def package_default_checkpoints(
     t2i_scores: str | Path | None = None,
     edit_scores: str | Path | None = None,
     logs: dict[str, str | Path] | None = None,
+    image_tokenizer: str | Path | None = None,
 ) -> dict:
     """Write the shipped layout (module docstring) from two finished pipelines that share one image tokenizer.
 
     ``logs`` maps a stage name (``encoder``, ``tokenizer``, ``t2i``, ``edit``) to its run directory; the
     resolved ``config.yaml`` and ``logs/metrics.jsonl`` of each are copied to ``logs/<stage>/``.
-    Returns a report with the file sizes.
+    ``image_tokenizer``: a tokenizer with the pipelines' latent space and another pixel decoder (the
+    tokenizer trainer's decoder stage); it replaces theirs. Returns a report with the file sizes.
     """
     import torch
 
@@ -108,6 +110,16 @@ def package_default_checkpoints(
         not torch.equal(tokenizer_states[0][name], tokenizer_states[1][name]) for name in tokenizer_states[0]
     ):
         raise UserError("the text-to-image and editing pipelines use different image tokenizers; they must share one")
+    if image_tokenizer is not None:
+        replacement = SemanticAutoencoder.from_pretrained(image_tokenizer)
+        differences = pipelines["t2i"].image_tokenizer.latent_space_differences(replacement)
+        if differences:
+            raise UserError(
+                f"{image_tokenizer} has another latent space than the pipelines' tokenizer (it differs in {differences[0]}"
+                f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); only a decoder-stage fine-tune of it can replace it"
+            )
+        for pipeline in pipelines.values():
+            pipeline.image_tokenizer = replacement
 
     output = Path(output)
     staging = output.with_name(output.name + ".partial")

@@ -49,6 +49,10 @@ def register(subparsers) -> None:
     )
     shapes.add_argument("--run", default="runs/shapes-default", help="run directory of scripts/shapes_default.sh (t2i/, edit/)")
     shapes.add_argument("--tokenizer-run", default="runs/mini-psvae", help="the tokenizer's run directory (its logs are copied)")
+    shapes.add_argument(
+        "--decoder-run", help="a decoder-stage run of that tokenizer (train.decoder): its tokenizer/ replaces the pipelines' "
+        "after a check that the latent space is identical, and its logs are copied",
+    )
     shapes.add_argument("--encoder-run", default="runs/shapes-encoder", help="the representation encoder's run directory (its logs are copied)")
     shapes.add_argument("-o", "--output", default="checkpoints/shapes", help="output directory (replaced)")
     shapes.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="stored weight dtype")
@@ -94,7 +98,9 @@ def run_export_shapes_default(args: argparse.Namespace) -> int:
     report = package_default_checkpoints(
         run / "t2i" / "pipeline", run / "edit" / "pipeline", args.output, dtype=args.dtype,
         t2i_scores=optional(run / "t2i" / "shapes.json"), edit_scores=optional(run / "edit" / "shapes.json"),
-        logs={"encoder": args.encoder_run, "tokenizer": args.tokenizer_run, "t2i": run / "t2i", "edit": run / "edit"},
+        logs={"encoder": args.encoder_run, "tokenizer": args.tokenizer_run, "t2i": run / "t2i", "edit": run / "edit",
+              **({"tokenizer-decoder": args.decoder_run} if args.decoder_run else {})},
+        image_tokenizer=Path(args.decoder_run) / "tokenizer" if args.decoder_run else None,
     )
     for name, size in report["files"].items():
         print(f"{size / 1e6:8.2f} MB  {name}")
