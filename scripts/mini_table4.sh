@@ -27,6 +27,7 @@ main() {
       --out "$dir/recon.json"
     [ -f "$dir/probe.json" ] || unimm eval linprobe --tokenizer "$dir/tokenizer" --train runs/shapes-tok/t2i/train \
       --val runs/shapes-tok/t2i/val --max-train 4000 --out "$dir/probe.json"
+    [ -f "$dir/ceiling.json" ] || unimm eval shapes --tokenizer "$dir/tokenizer" --suites ceiling --out "$dir/ceiling.json"
     cache "$dir" "$dir/t2i-latents" --data runs/shapes-tok/t2i/train caption_fields=[txt]
     cache "$dir" "$dir/edit-latents" --data "$root/edit-data/edit/train" --kind edit --format parquet
     [ -f "$dir/t2i/pipeline/generator.safetensors" ] || unimm train --config mini-shapes tokenizer="$dir/tokenizer" \

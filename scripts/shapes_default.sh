@@ -30,7 +30,7 @@ main() {
   stage "text-to-image training"
   [ -f "$run/t2i/pipeline/generator.safetensors" ] || unimm train --config shapes-default ${TRAIN_OVERRIDES:-}
   stage "editing training (from the text-to-image pipeline) and the text-to-image Shapes suite, side by side"
-  [ -f "$run/t2i/shapes.json" ] || unimm eval shapes --model "$run/t2i/pipeline" --suites geneval,dpg \
+  [ -f "$run/t2i/shapes.json" ] || unimm eval shapes --model "$run/t2i/pipeline" --suites geneval,dpg,ceiling \
     --out "$run/t2i/shapes.json" ${EVAL_ARGS:-} > "$run/t2i-eval.log" 2>&1 &
   [ -f "$run/edit/pipeline/generator.safetensors" ] || unimm train --config shapes-default-edit ${TRAIN_OVERRIDES:-}
   wait

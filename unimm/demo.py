@@ -169,6 +169,9 @@ def format_scores(scores: dict | None) -> list[str]:
         lines.append(f"  ShapesGenEval overall {t2i['shapes_geneval']:.3f}  ({tags})")
     if "shapes_dpg" in t2i:
         lines.append(f"  ShapesDPG {t2i['shapes_dpg']:.1f}")
+    if "shapes_geneval_ceiling_tokenizer" in t2i:
+        lines.append(f"  ShapesGenEval of true scenes through the shipped tokenizer (the ceiling for any generator on it): "
+                     f"{t2i['shapes_geneval_ceiling_tokenizer']:.3f}")
     edit = scores.get("edit", {})
     if "shapes_edit_adherence" in edit.get("scores", {}):
         pairs = edit.get("protocol", {}).get("edit_pairs", "?")
