@@ -15,10 +15,15 @@ for preset in mini-psvae mini-pvae; do
   [ -f "runs/$preset/tokenizer/model.safetensors" ] || unimm train-tokenizer --config "$preset" > "runs/$preset.log" 2>&1 &
 done
 wait
+# The PS-VAE's decoder stage: the pixel decoder alone, latent space kept (both cores; ~1 h here).
+[ -f runs/mini-psvae-decoder/tokenizer/model.safetensors ] || OMP_NUM_THREADS=2 unimm train-tokenizer --config mini-psvae-decoder \
+  > runs/mini-psvae-decoder.log 2>&1
 
-for preset in mini-psvae mini-pvae; do
+for preset in mini-psvae mini-pvae mini-psvae-decoder; do
   unimm eval recon --tokenizer "runs/$preset/tokenizer" --data runs/shapes-tok/t2i/val --no-fid --no-lpips \
     --noise-sigmas 0,0.1,0.2,0.5 --out "runs/$preset/recon.json"
+  unimm eval shapes --tokenizer "runs/$preset/tokenizer" --suites ceiling --out "runs/$preset/ceiling.json"
+  [ "$preset" = mini-psvae-decoder ] && continue  # same latents as mini-psvae: same probe
   unimm eval linprobe --tokenizer "runs/$preset/tokenizer" --train runs/shapes-tok/t2i/train \
     --val runs/shapes-tok/t2i/val --max-train 4000 --out "runs/$preset/probe.json"
 done

@@ -4,7 +4,7 @@
 # PS-VAE -> the text-to-image model (configs/t2i/shapes-default.yaml) -> the editing model, started from it
 # (configs/edit/shapes-default-edit.yaml) -> the Shapes suite on both -> `unimm export shapes-default` into
 # checkpoints/shapes (CHECKPOINTS_OUT=DIR writes elsewhere). It needs the mini PS-VAE of
-# scripts/mini_tokenizers.sh (runs/mini-psvae/tokenizer). Sized for one GPU: each training run stops at its
+# scripts/mini_tokenizers.sh (runs/mini-psvae-decoder/tokenizer). Sized for one GPU: each training run stops at its
 # time_limit_minutes (override with train.time_limit_minutes=0 to run all train.steps). Every step is
 # skipped when its output exists and training resumes, so re-running continues an interrupted run.
 # Usage: bash scripts/shapes_default.sh   (UNIMM_SKIP_SETUP=1 uses the current environment; for a quick smoke run,
@@ -16,7 +16,7 @@ main() {
   [ -n "${UNIMM_SKIP_SETUP:-}" ] || source scripts/setup_env.sh
   local run=runs/shapes-default workers
   workers="$(nproc)"
-  [ -f runs/mini-psvae/tokenizer/config.json ] || { echo "run scripts/mini_tokenizers.sh first (it trains runs/mini-psvae)" >&2; exit 2; }
+  [ -f runs/mini-psvae-decoder/tokenizer/config.json ] || { echo "run scripts/mini_tokenizers.sh first (it trains runs/mini-psvae and its decoder stage, runs/mini-psvae-decoder)" >&2; exit 2; }
 
   stage "Shapes dataset: 200k captioned images, 70k edit pairs ($workers processes)"
   [ -f "$run/data/dpg_shapes.csv" ] || unimm shapes dataset --workers "$workers" -o "$run/data" \
@@ -46,7 +46,7 @@ stage() { echo "== $(date +%H:%M:%S) $*"; }
 
 cache() {  # cache OUT ARGS...: write a latent cache unless a complete one is there
   local out="$1"; shift
-  grep -qs '"complete": true' "$out/manifest.json" || unimm cache-latents --tokenizer runs/mini-psvae/tokenizer \
+  grep -qs '"complete": true' "$out/manifest.json" || unimm cache-latents --tokenizer runs/mini-psvae-decoder/tokenizer \
     -o "$out" --batch-size 512 --workers 8 "$@"
 }
 

@@ -106,7 +106,7 @@ def test_every_preset_trains_a_step_per_stage_and_saves(preset, encoders, shapes
     records = trainer.train()
     stages = [record["stage"] for record in records]
     expected = (["teacher"] if config.train.teacher_steps else []) + [
-        name for name in ("stage1", "stage2") if getattr(config.train, name).steps
+        name for name in ("stage1", "stage2", "decoder") if getattr(config.train, name).steps
     ]
     assert stages == expected
     assert all(math.isfinite(record["loss"]) for record in records)

@@ -14,6 +14,7 @@ import torch
 from tokenizer.config import TokenizerTrainingConfig
 from tokenizer.encoder_catalog import CATALOG
 from tokenizer.encoders import RepresentationEncoder, tiny_encoder_config
+from tokenizer.model import SemanticAutoencoder
 from tokenizer.presets import load_preset
 from unimm.cli import main
 
@@ -72,9 +73,17 @@ def tiny_config(preset: str, encoders: dict[str, Path], shapes: Path, output_dir
                                adversarial_start_step=0 if loss.adversarial_weight > 0 else loss.adversarial_start_step)
     stage1 = dataclasses.replace(train.stage1, steps=min(train.stage1.steps, 1))
     stage2 = dataclasses.replace(train.stage2, steps=min(train.stage2.steps, 1))
+    decoder = dataclasses.replace(train.decoder, steps=min(train.decoder.steps, 1))
+    init_from = ""
+    if train.init_from:  # a decoder-stage preset: start from a saved tokenizer of the same (tiny) model
+        torch.manual_seed(0)
+        start = SemanticAutoencoder.build(model)
+        start.set_latent_statistics(torch.zeros(start.latent_shape[0]), torch.ones(start.latent_shape[0]), 8)
+        init_from = str(start.save_pretrained(Path(output_dir).parent / f"{Path(output_dir).name}-init-from"))
     train = dataclasses.replace(
         train, data=str(shapes / "t2i" / "train"), val_data=str(shapes / "t2i" / "val"), batch_size=4, num_workers=0,
-        teacher_steps=min(train.teacher_steps, 1), stage1=stage1, stage2=stage2, mixed_precision="no",
+        teacher_steps=min(train.teacher_steps, 1), stage1=stage1, stage2=stage2, decoder=decoder, init_from=init_from,
+        mixed_precision="no",
         log_every=1, image_every=1000, checkpoint_every=1000, stats_images=8, warmup_steps=0, deepspeed_config="",
     )
     train = dataclasses.replace(train, **train_changes)
