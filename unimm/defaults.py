@@ -105,19 +105,22 @@ def package_default_checkpoints(
         raise UserError(f"--dtype must be float16, bfloat16 or float32, not '{dtype}'")
     pipelines = {"t2i": UnimmPipeline.from_pretrained(t2i_pipeline, device="cpu"),
                  "edit": UnimmPipeline.from_pretrained(edit_pipeline, device="cpu")}
-    tokenizer_states = [pipeline.image_tokenizer.state_dict() for pipeline in pipelines.values()]
-    if tokenizer_states[0].keys() != tokenizer_states[1].keys() or any(
-        not torch.equal(tokenizer_states[0][name], tokenizer_states[1][name]) for name in tokenizer_states[0]
-    ):
-        raise UserError("the text-to-image and editing pipelines use different image tokenizers; they must share one")
-    if image_tokenizer is not None:
+    if image_tokenizer is None:
+        tokenizer_states = [pipeline.image_tokenizer.state_dict() for pipeline in pipelines.values()]
+        if tokenizer_states[0].keys() != tokenizer_states[1].keys() or any(
+            not torch.equal(tokenizer_states[0][name], tokenizer_states[1][name]) for name in tokenizer_states[0]
+        ):
+            raise UserError("the text-to-image and editing pipelines use different image tokenizers; they must share one")
+    else:
+        # The pipelines may carry different decoders of one tokenizer; each must share the replacement's latent space.
         replacement = SemanticAutoencoder.from_pretrained(image_tokenizer)
-        differences = pipelines["t2i"].image_tokenizer.latent_space_differences(replacement)
-        if differences:
-            raise UserError(
-                f"{image_tokenizer} has another latent space than the pipelines' tokenizer (it differs in {differences[0]}"
-                f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); only a decoder-stage fine-tune of it can replace it"
-            )
+        for name, pipeline in pipelines.items():
+            differences = pipeline.image_tokenizer.latent_space_differences(replacement)
+            if differences:
+                raise UserError(
+                    f"{image_tokenizer} has another latent space than the {name} pipeline's tokenizer (it differs in {differences[0]}"
+                    f"{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}); only a decoder-stage fine-tune of it can replace it"
+                )
         for pipeline in pipelines.values():
             pipeline.image_tokenizer = replacement
 
