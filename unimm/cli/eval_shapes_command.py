@@ -86,7 +86,11 @@ def run_shapes(args: argparse.Namespace) -> int:
         rows += [("ShapesEdit adherence", task, value) for task, value in result["adherence_by_task"].items()]
         rows += [("ShapesEdit adherence", "overall", result["adherence"]), ("ShapesEdit consistency (dB)", "overall", result["consistency_psnr"])]
     if "ceiling" in suites:
-        tokenizer = pipeline.image_tokenizer if pipeline is not None and not args.tokenizer else _load_tokenizer(args.tokenizer, args.device)
+        from unimm.cli.eval_command import _load_tokenizer  # here: eval_command imports this module
+
+        tokenizer = pipeline.image_tokenizer if pipeline is not None and not args.tokenizer else _load_tokenizer(args.tokenizer)
+        if pipeline is None and args.device:
+            tokenizer = tokenizer.to(args.device)
         result = evaluate_geneval_ceilings(tokenizer, prompts, args.samples, args.seed, args.batch_size)
         for reader, outcome in result.items():
             scores[f"shapes_geneval_ceiling_{reader}"] = outcome["overall"]
@@ -115,18 +119,6 @@ def run_shapes(args: argparse.Namespace) -> int:
         }
         write_results(args.out, scores, protocol, details)
     return 0
-
-
-def _load_tokenizer(directory: str, device: str | None):
-    from pathlib import Path
-
-    from tokenizer.model import SemanticAutoencoder
-    from unimm.errors import UserError
-
-    if not Path(directory).is_dir():
-        raise UserError(f"--tokenizer {directory} is not a directory; pass a tokenizer save_pretrained directory")
-    model = SemanticAutoencoder.from_pretrained(directory)
-    return model.to(device) if device else model
 
 
 def run_tokenizer_table(args: argparse.Namespace) -> int:
