@@ -94,6 +94,7 @@ class RenderedSceneOracle:
 
         from data.shapes.prompts import scene_for_spec
         from data.shapes.render import render_scene_array
+        from unimm.pipeline import to_pil
 
         # One scene per (prompt, seed): the same scenes for the judge's and the tokenizer's ceiling.
         arrays = [
@@ -105,9 +106,7 @@ class RenderedSceneOracle:
         parameter = next(self.tokenizer.parameters())
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(parameter.device, torch.float32) / 127.5 - 1.0
         with torch.no_grad():
-            reconstructed = self.tokenizer.decode(self.tokenizer.encode(images)).float().clamp(-1.0, 1.0)
-        pixels = ((reconstructed + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(array) for array in pixels]
+            return to_pil(self.tokenizer.decode(self.tokenizer.encode(images)).float())
 
 
 def evaluate_geneval_ceilings(tokenizer, prompts: list[dict], samples_per_prompt: int = 4, seed: int = 0, batch_size: int = 32,

@@ -264,6 +264,14 @@ class TokenizerTrainer:
         value = getattr(stage, name)
         return value if value >= 0 else getattr(self.config.loss, name)
 
+    def pixel_terms(self, reconstruction: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted pixel and perceptual terms of L_p (the adversarial term is added by the caller)."""
+        loss = self.config.loss
+        terms = {"pixel": pixel_reconstruction_loss(reconstruction, images, loss.pixel_kind) * loss.pixel_weight}
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(reconstruction, images) * loss.perceptual_weight
+        return terms
+
     def compute_losses(self, images: torch.Tensor, stage: StagePlan, step: int) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
         """Generator-side loss of one batch; returns (loss, logged terms, reconstruction for the discriminator)."""
         loss_config = self.config.loss
@@ -277,10 +285,7 @@ class TokenizerTrainer:
 
         teacher_tokens = teacher_global = None
         if stage.name == "decoder":
-            outputs = self.model(images, sample=True, decoder_only=True)
-            terms = {"pixel": pixel_reconstruction_loss(outputs["reconstruction"], images, loss_config.pixel_kind) * loss_config.pixel_weight}
-            if self.perceptual is not None:
-                terms["perceptual"] = self.perceptual(outputs["reconstruction"], images) * loss_config.perceptual_weight
+            terms = self.pixel_terms(self.model(images, sample=True, decoder_only=True)["reconstruction"], images)
             return sum(terms.values()), {name: value.item() for name, value in terms.items()}, None
         if self.teacher is not None and (stage.config.train_encoder or self.config.model.encoder.role == "teacher"):
             with torch.no_grad():
@@ -296,13 +301,7 @@ class TokenizerTrainer:
         terms: dict[str, torch.Tensor] = {}
 
         # L_p: the LDM recipe (pixel + perceptual + adversarial with the adaptive weight and a delayed start).
-        def pixel_terms(image: torch.Tensor) -> dict[str, torch.Tensor]:
-            parts = {"pixel": pixel_reconstruction_loss(image, images, loss_config.pixel_kind) * loss_config.pixel_weight}
-            if self.perceptual is not None:
-                parts["perceptual"] = self.perceptual(image, images) * loss_config.perceptual_weight
-            return parts
-
-        terms.update(pixel_terms(reconstruction))
+        terms.update(self.pixel_terms(reconstruction, images))
         pixel_total = sum(terms.values())
         factor = adversarial_start_factor(step, loss_config.adversarial_start_step) if self.discriminator is not None else 0.0
         if factor > 0:
@@ -313,7 +312,7 @@ class TokenizerTrainer:
                 weight = adaptive_generator_weight_by_replay(
                     self.last_layer_capture,
                     self.unwrapped.pixel_decoder.last_output_to_image,
-                    lambda image: sum(pixel_terms(image).values()),
+                    lambda image: sum(self.pixel_terms(image, images).values()),
                     lambda image: generator_adversarial_loss(self.discriminator(image)),
                 )
             self.discriminator.requires_grad_(True)

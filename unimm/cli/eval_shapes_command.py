@@ -88,9 +88,11 @@ def run_shapes(args: argparse.Namespace) -> int:
     if "ceiling" in suites:
         from unimm.cli.eval_command import _load_tokenizer  # here: eval_command imports this module
 
-        tokenizer = pipeline.image_tokenizer if pipeline is not None and not args.tokenizer else _load_tokenizer(args.tokenizer)
-        if pipeline is None and args.device:
-            tokenizer = tokenizer.to(args.device)
+        if args.tokenizer:
+            tokenizer = _load_tokenizer(args.tokenizer)
+            tokenizer = tokenizer.to(args.device) if args.device else tokenizer
+        else:
+            tokenizer = pipeline.image_tokenizer
         result = evaluate_geneval_ceilings(tokenizer, prompts, args.samples, args.seed, args.batch_size)
         for reader, outcome in result.items():
             scores[f"shapes_geneval_ceiling_{reader}"] = outcome["overall"]
