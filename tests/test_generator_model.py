@@ -14,6 +14,7 @@ from torch import nn
 from data.shapes.text_model import ShapesTextModelConfig, write_shapes_text_model
 from tests.tokenizer_fixtures import tiny_config
 from unimm.errors import UserError
+from unimm.models import varlen_attention
 from unimm.models.backbone import build_backbone, load_backbone_config, load_text_tokenizer
 from unimm.models.config import BackboneConfig, GeneratorModelConfig, HeadConfig
 from unimm.models.generator import UnimmGenerator
@@ -95,7 +96,7 @@ def times(count: int, seed: int) -> torch.Tensor:
 def backbone_hidden(model, layout, noisy, t, clean=None) -> torch.Tensor:
     """(rows, L, hidden) backbone outputs of the whole sequence."""
     embeddings = model.input_embeddings(layout, noisy, t, clean)
-    hidden, _ = model.run_backbone(embeddings, layout.attention_mask(), layout.position_ids)
+    hidden, _ = model.run_backbone(embeddings, model._visibility(layout), layout.position_ids)
     return hidden
 
 
@@ -273,6 +274,9 @@ def test_build_layout_rejects_bad_rows():
 # ----------------------------------------------------------------------------- attention implementations
 # Compiling flex attention for the CPU takes ~20 s (once per module, in `flex_unsupported`).
 FLEX = pytest.param("flex_attention", marks=pytest.mark.slow)
+# The varlen plan (what `flash_attention_2` runs): with flash-attn's semantics in plain PyTorch as the kernel,
+# and with no kernel (the CPU fallback: SDPA with the dense mask).
+VARLEN_KERNEL, VARLEN_FALLBACK = "varlen-reference-kernel", "varlen-fallback"
 
 
 @pytest.fixture(scope="module")
@@ -304,12 +308,16 @@ def use_attention(request, attention):
         reason = request.getfixturevalue("flex_unsupported")
         if reason:
             pytest.skip(reason)
+    if implementation in (VARLEN_KERNEL, VARLEN_FALLBACK):
+        previous = varlen_attention.set_kernel_override(varlen_attention.reference_varlen_attention if implementation == VARLEN_KERNEL else None)
+        request.addfinalizer(lambda: varlen_attention.set_kernel_override(previous))
+        implementation = varlen_attention.IMPLEMENTATION_NAME
     attention(implementation)
     return implementation
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("use_attention", ["eager", FLEX], indirect=True)
+@pytest.mark.parametrize("use_attention", ["eager", FLEX, VARLEN_KERNEL, VARLEN_FALLBACK], indirect=True)
 def test_attention_implementations_agree(model, attention, use_attention):
     specs, noisy, t, clean = packed_example()
     layouts = {"aligned": build_layout(specs, GRID), "packed": build_layout(specs, GRID, rows=[[0, 2], [1]])}
@@ -336,7 +344,7 @@ def kv_layouts():
 
 @torch.no_grad()
 @pytest.mark.parametrize("case", ["text_to_image", "edit", "empty_prompt"])
-@pytest.mark.parametrize("use_attention", ["sdpa", "eager", FLEX], indirect=True)
+@pytest.mark.parametrize("use_attention", ["sdpa", "eager", FLEX, VARLEN_KERNEL], indirect=True)
 def test_kv_cached_steps_equal_the_full_forward(model, use_attention, case):
     specs, clean = kv_layouts()[case]
     layout = build_layout(specs, GRID)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from unimm.errors import UserError
+from unimm.models import varlen_attention
+
+varlen_attention.register()
 
 _QWEN25_COMMON = dict(
     vocab_size=151936,
@@ -63,11 +66,12 @@ def resolve_attention(requested: str) -> str:
     """The attention implementation the backbone runs with.
 
     The generator's mask is block-causal (causal text, full image blocks, no attention across packed samples),
-    which `transformers`' flash_attention_2 path cannot express: it would silently apply a plain causal mask.
-    A request for it therefore runs PyTorch SDPA with the exact mask (on GPU, SDPA's memory-efficient kernel).
+    which `transformers`' own flash_attention_2 path cannot express: it would silently apply a plain causal
+    mask. A request for it runs our varlen plan instead (`varlen_attention.py`): flash-attn's varlen kernel
+    for CUDA fp16/bf16 tensors when flash-attn is installed, PyTorch SDPA with the exact mask otherwise.
     """
-    if requested == "flash_attention_2":
-        return "sdpa"
+    if requested in ("flash_attention_2", varlen_attention.IMPLEMENTATION_NAME):
+        return varlen_attention.IMPLEMENTATION_NAME
     return requested
 
 

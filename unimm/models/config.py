@@ -14,7 +14,8 @@ class BackboneConfig:
     # Load the pretrained weights (False: the same architecture, randomly initialised).
     pretrained: bool = True
     # sdpa (default, any device) | eager | flex_attention (a BlockMask built from the same rule) |
-    # flash_attention_2, which runs as sdpa: transformers' flash path cannot express the block-causal mask.
+    # flash_attention_2: our varlen plan of the block-causal mask (`varlen_attention.py`) through flash-attn's
+    # varlen kernel on CUDA fp16/bf16 when flash-attn is installed, else SDPA with the dense mask.
     attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
     # Longest caption kept (tokens); longer captions are truncated from the end.
     max_text_tokens: int = 128

@@ -22,6 +22,8 @@ from unimm.models.config import GeneratorModelConfig
 from unimm.models.ddt_head import DDTHead
 from unimm.models.embeddings import TimestepEmbedder, patchify, sincos_2d_positions, unpatchify
 from unimm.models.sequence import TEXT, SequenceLayout
+from unimm.models.varlen_attention import IMPLEMENTATION_NAME as VARLEN_ATTENTION
+from unimm.models.varlen_attention import BlockCausalAttention
 
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
@@ -82,9 +84,12 @@ class UnimmGenerator(nn.Module):
             flat = flat.index_copy(0, layout.clean_index.flatten(), clean.flatten(0, 1))
         return flat.view(rows, length, -1)
 
-    def _mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The boolean visibility mask in the form the backbone's attention implementation takes."""
+    def _mask(self, attention: BlockCausalAttention, dtype: torch.dtype):
+        """The visibility rule in the form the backbone's attention implementation takes."""
         implementation = self.backbone.config._attn_implementation
+        if implementation == VARLEN_ATTENTION:  # a dict skips transformers' mask building; every layer gets the plan
+            return {"full_attention": attention}
+        mask = attention.dense
         if implementation == "eager":  # additive float mask
             return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         if implementation == "flex_attention":
@@ -96,10 +101,15 @@ class UnimmGenerator(nn.Module):
             )
         return mask
 
-    def run_backbone(self, embeddings, mask, position_ids, past_key_values=None, use_cache: bool = False):
+    @staticmethod
+    def _visibility(layout: SequenceLayout, queries: slice = slice(None), keys: slice = slice(None)) -> BlockCausalAttention:
+        """Who sees whom among the query columns and key columns of the layout (queries are the last key columns)."""
+        return BlockCausalAttention(layout.sample_ids[:, queries], layout.block_ids[:, queries], layout.sample_ids[:, keys], layout.block_ids[:, keys])
+
+    def run_backbone(self, embeddings, attention: BlockCausalAttention, position_ids, past_key_values=None, use_cache: bool = False):
         output = self.backbone(
             inputs_embeds=embeddings,
-            attention_mask=self._mask(mask, embeddings.dtype),
+            attention_mask=self._mask(attention, embeddings.dtype),
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
@@ -120,7 +130,7 @@ class UnimmGenerator(nn.Module):
     ) -> torch.Tensor:
         """The whole sequence at once: noisy_latents (S, C, H, W) and t (S,) in sample order -> velocity (S, C, H, W)."""
         embeddings = self.input_embeddings(layout, noisy_latents, t, clean_latents)
-        hidden, _ = self.run_backbone(embeddings, layout.attention_mask(), layout.position_ids)
+        hidden, _ = self.run_backbone(embeddings, self._visibility(layout), layout.position_ids)
         noisy_hidden = hidden.flatten(0, 1)[layout.noisy_index.flatten()].view(*layout.noisy_index.shape, -1)
         return self.predict_velocity(noisy_hidden, noisy_latents, t)
 
@@ -137,9 +147,9 @@ class UnimmGenerator(nn.Module):
         from transformers import DynamicCache
 
         embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, :prefix]
-        mask = layout.attention_mask()[:, :, :prefix, :prefix]
+        attention = self._visibility(layout, slice(0, prefix), slice(0, prefix))
         _, cache = self.run_backbone(
-            embeddings, mask, layout.position_ids[:, :prefix], past_key_values=DynamicCache(config=self.backbone.config), use_cache=True
+            embeddings, attention, layout.position_ids[:, :prefix], past_key_values=DynamicCache(config=self.backbone.config), use_cache=True
         )
         return cache
 
@@ -147,14 +157,14 @@ class UnimmGenerator(nn.Module):
         """One denoising step that reuses the prefix cache: only the n noisy tokens go through the backbone."""
         prefix = layout.prefix_length
         embeddings = self.embed_latents(noisy_latents, t)
-        mask = layout.attention_mask()[:, :, prefix:, :]
         if cache is not None:
             surplus = cache.get_seq_length() - prefix
             if surplus > 0:
                 cache.crop(-surplus)  # drop the previous step's noisy keys/values
+            attention = self._visibility(layout, slice(prefix, None))
         else:
-            mask = mask[:, :, :, prefix:]
-        hidden, _ = self.run_backbone(embeddings, mask, layout.position_ids[:, prefix:], past_key_values=cache, use_cache=cache is not None)
+            attention = self._visibility(layout, slice(prefix, None), slice(prefix, None))
+        hidden, _ = self.run_backbone(embeddings, attention, layout.position_ids[:, prefix:], past_key_values=cache, use_cache=cache is not None)
         return self.predict_velocity(hidden, noisy_latents, t)
 
     # ------------------------------------------------------------------------------ persistence
