@@ -144,10 +144,12 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, monkeypatc
 
 
 @pytest.mark.slow
-def test_deepspeed_two_process_run_is_killed_and_resumes_on_the_same_trajectory(generator_parts, shapes, tmp_path):
-    """Two CPU processes under the deepspeed launcher with ZeRO-2: an uninterrupted run, and a run killed
-    (SIGKILL to the whole launcher group) right after its first checkpoint, then relaunched."""
-    deepspeed = str(REPO / "configs" / "deepspeed" / "zero2.json")
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_two_process_run_is_killed_and_resumes_on_the_same_trajectory(generator_parts, shapes, tmp_path, zero):
+    """Two CPU processes under the deepspeed launcher with ZeRO-2 (the default) and ZeRO-3 (the 3B preset's,
+    parameters partitioned across the ranks): an uninterrupted run, and a run killed (SIGKILL to the whole
+    launcher group) right after its first checkpoint, then relaunched."""
+    deepspeed = str(REPO / "configs" / "deepspeed" / f"{zero}.json")
 
     def command(run: Path) -> list[str]:
         config = t2i_config(generator_parts, shapes, run, steps=6, checkpoint_every=2, deepspeed_config=deepspeed, batch_size=2)

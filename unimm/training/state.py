@@ -30,8 +30,8 @@ every rank writes its own RNG state, loader state and optimizer shards.
 Limits: resuming needs the same world size when the optimizer is sharded or per-rank loader/RNG states
 are restored (DeepSpeed's "elastic" checkpoints are not supported). ZeRO-3 model weights are gathered
 for saving and re-partitioned on loading (collectives). Exact (bitwise) resume is tested for ZeRO-2
-with two CPU processes (tests/test_deepspeed_cpu.py); ZeRO-3 was checked the same way by hand
-(``tests/deepspeed_worker.py --deepspeed-config zero3``), not in the suite.
+with two CPU processes (tests/test_deepspeed_cpu.py), and for ZeRO-2 and ZeRO-3 through the generator
+trainer under the deepspeed launcher (tests/test_generator_training.py).
 """
 
 from __future__ import annotations
