@@ -3,7 +3,7 @@
 # connector + tiny Qwen2 to answer questions about Shapes scenes on the frozen mini representation encoder,
 # then swap in the encoder that the mini PS-VAE fine-tuned (LLM + connector frozen), then re-align only the
 # connector; prints the before/after table. Needs runs/shapes-encoder and runs/mini-psvae from
-# scripts/mini_tokenizers.sh. About 15 minutes on 2 CPU cores.
+# scripts/mini_tokenizers.sh. About 45 minutes on the 2-core CPU (39 + 5 min measured on one core beside another job).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
