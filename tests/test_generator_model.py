@@ -96,7 +96,7 @@ def times(count: int, seed: int) -> torch.Tensor:
 def backbone_hidden(model, layout, noisy, t, clean=None) -> torch.Tensor:
     """(rows, L, hidden) backbone outputs of the whole sequence."""
     embeddings = model.input_embeddings(layout, noisy, t, clean)
-    hidden, _ = model.run_backbone(embeddings, model._visibility(layout), layout.position_ids)
+    hidden, _ = model.run_backbone(embeddings, layout.visibility(), layout.position_ids)
     return hidden
 
 

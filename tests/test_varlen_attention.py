@@ -145,4 +145,6 @@ def test_the_attention_function_needs_the_generator_mask(text_model_dir):  # noq
     model.backbone.config._attn_implementation = varlen_attention.IMPLEMENTATION_NAME
     with pytest.raises(TypeError, match="BlockCausalAttention"):
         model.backbone(inputs_embeds=torch.zeros(1, 3, model.hidden_size))
-    assert isinstance(model._visibility(build_layout([SampleSpec([1])], GRID)), BlockCausalAttention)
+    layout = build_layout([SampleSpec([1])], GRID)
+    assert isinstance(layout.visibility(), BlockCausalAttention)
+    assert layout.visibility(slice(2, None)) is layout.visibility(slice(2, None))  # one plan per view, reused every step

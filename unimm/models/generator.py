@@ -101,11 +101,6 @@ class UnimmGenerator(nn.Module):
             )
         return mask
 
-    @staticmethod
-    def _visibility(layout: SequenceLayout, queries: slice = slice(None), keys: slice = slice(None)) -> BlockCausalAttention:
-        """Who sees whom among the query columns and key columns of the layout (queries are the last key columns)."""
-        return BlockCausalAttention(layout.sample_ids[:, queries], layout.block_ids[:, queries], layout.sample_ids[:, keys], layout.block_ids[:, keys])
-
     def run_backbone(self, embeddings, attention: BlockCausalAttention, position_ids, past_key_values=None, use_cache: bool = False):
         output = self.backbone(
             inputs_embeds=embeddings,
@@ -130,7 +125,7 @@ class UnimmGenerator(nn.Module):
     ) -> torch.Tensor:
         """The whole sequence at once: noisy_latents (S, C, H, W) and t (S,) in sample order -> velocity (S, C, H, W)."""
         embeddings = self.input_embeddings(layout, noisy_latents, t, clean_latents)
-        hidden, _ = self.run_backbone(embeddings, self._visibility(layout), layout.position_ids)
+        hidden, _ = self.run_backbone(embeddings, layout.visibility(), layout.position_ids)
         noisy_hidden = hidden.flatten(0, 1)[layout.noisy_index.flatten()].view(*layout.noisy_index.shape, -1)
         return self.predict_velocity(noisy_hidden, noisy_latents, t)
 
@@ -147,7 +142,7 @@ class UnimmGenerator(nn.Module):
         from transformers import DynamicCache
 
         embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, :prefix]
-        attention = self._visibility(layout, slice(0, prefix), slice(0, prefix))
+        attention = layout.visibility(slice(0, prefix), slice(0, prefix))
         _, cache = self.run_backbone(
             embeddings, attention, layout.position_ids[:, :prefix], past_key_values=DynamicCache(config=self.backbone.config), use_cache=True
         )
@@ -161,9 +156,9 @@ class UnimmGenerator(nn.Module):
             surplus = cache.get_seq_length() - prefix
             if surplus > 0:
                 cache.crop(-surplus)  # drop the previous step's noisy keys/values
-            attention = self._visibility(layout, slice(prefix, None))
+            attention = layout.visibility(slice(prefix, None))
         else:
-            attention = self._visibility(layout, slice(prefix, None), slice(prefix, None))
+            attention = layout.visibility(slice(prefix, None), slice(prefix, None))
         hidden, _ = self.run_backbone(embeddings, attention, layout.position_ids[:, prefix:], past_key_values=cache, use_cache=cache is not None)
         return self.predict_velocity(hidden, noisy_latents, t)
 

@@ -16,10 +16,12 @@ across packed samples. Padding tokens see only themselves (so no softmax row is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from unimm.models.varlen_attention import BlockCausalAttention
 
 PAD, TEXT, CLEAN_IMAGE, NOISY_IMAGE = -1, 0, 1, 2
 
@@ -42,14 +44,26 @@ class SequenceLayout:
     clean_samples: torch.Tensor  # (samples with a clean image,) their sample ids
     grid: tuple[int, int]  # the image token grid (h, w); n = h * w
     prefix_length: int  # columns before the noisy block when it is aligned at the end of every row, else -1
+    # (query columns, key columns) -> BlockCausalAttention: the KV-cached sampler asks for the same view at every
+    # denoising step, and its dense mask / varlen plan are built once per layout instead of once per step.
+    _views: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def length(self) -> int:
         return self.token_kinds.shape[1]
 
     def to(self, device) -> SequenceLayout:
-        moved = {name: (value.to(device) if isinstance(value, torch.Tensor) else value) for name, value in self.__dict__.items()}
+        moved = {name: (value.to(device) if isinstance(value, torch.Tensor) else value)
+                 for name, value in self.__dict__.items() if name != "_views"}
         return SequenceLayout(**moved)
+
+    def visibility(self, queries: slice = slice(None), keys: slice = slice(None)) -> BlockCausalAttention:
+        """Who sees whom among the query columns and key columns (the queries are the last key columns)."""
+        key = (queries.start, queries.stop, keys.start, keys.stop)
+        if key not in self._views:
+            self._views[key] = BlockCausalAttention(self.sample_ids[:, queries], self.block_ids[:, queries],
+                                                    self.sample_ids[:, keys], self.block_ids[:, keys])
+        return self._views[key]
 
     def attention_mask(self) -> torch.Tensor:
         """(rows, 1, L, L) boolean, True where query i may attend key j."""

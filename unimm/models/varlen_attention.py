@@ -22,6 +22,7 @@ the dense boolean mask: the same numbers, the memory of the dense mask.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -141,8 +142,10 @@ class BlockCausalAttention:
         return visibility(self.query_samples, self.query_blocks, self.key_samples, self.key_blocks)
 
 
+@functools.cache
 def flash_varlen_kernel():
-    """flash-attn's `flash_attn_varlen_func`, or None when it is not installed."""
+    """flash-attn's `flash_attn_varlen_func`, or None when it is not installed (looked up once: a failed import
+    would otherwise search the path again in every layer of every step)."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
