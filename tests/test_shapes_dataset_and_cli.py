@@ -89,7 +89,23 @@ def test_prompt_files_and_resolved_config(dataset_dir):
     header = (dataset_dir / "dpg_shapes.csv").read_text().splitlines()[0]
     assert header.startswith("item_id,text,keywords,proposition_id,dependency,category_broad")
     saved = (dataset_dir / "config.yaml").read_text()
-    assert "num_train: 24" in saved and "spec_fraction: 0.25" in saved
+    assert "num_train: 24" in saved and "spec_fraction: 0.5" in saved
+
+
+def test_spec_samples_cover_every_geneval_tag_evenly():
+    """Spec-laid-out samples draw the tag first: single objects and counts are as common as colour-binding pairs
+    (drawn from the pooled specs, 900 of 1060 are colour-binding pairs)."""
+    from collections import Counter
+
+    from data.shapes.dataset import ShapesDatasetConfig, text_to_image_sample
+    from data.shapes.prompts import geneval_prompts
+    from eval.geneval_rules import GENEVAL_TAGS
+
+    tag_of = {spec["prompt"]: spec["tag"] for spec in geneval_prompts(tag_counts={tag: 10**9 for tag in GENEVAL_TAGS})}
+    config = ShapesDatasetConfig(resolution=16, spec_fraction=1.0)
+    tags = Counter(tag_of[text_to_image_sample(config, "train", index)["txt"]] for index in range(600))
+    assert set(tags) == set(GENEVAL_TAGS)
+    assert all(60 <= count <= 140 for count in tags.values()), tags  # 100 expected per tag
 
 
 def test_dataset_is_deterministic(tmp_path):

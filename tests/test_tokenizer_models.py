@@ -196,8 +196,13 @@ def test_gae_bottleneck_is_on_the_sphere_and_noise_is_per_sample():
     assert residual_scale.std() > 0  # σ drawn per sample, not one global scale
 
 
-def test_info_of_a_mini_preset_before_the_shapes_encoder_exists(tmp_path):
-    """`unimm info mini-psvae` on a fresh checkout describes the encoder `shapes train-encoder` will write."""
+@pytest.mark.parametrize("encoder_run", ["absent", "training"])
+def test_info_of_a_mini_preset_before_the_shapes_encoder_exists(tmp_path, encoder_run):
+    """`unimm info mini-psvae` on a fresh checkout, or while `shapes train-encoder` is still writing its run directory
+    (only its config.yaml there so far), describes the encoder that command will write."""
+    if encoder_run == "training":
+        (tmp_path / "runs" / "shapes-encoder").mkdir(parents=True)
+        (tmp_path / "runs" / "shapes-encoder" / "config.yaml").write_text("steps: 6000\n")
     result = subprocess.run(
         [sys.executable, "-m", "unimm", "info", "mini-psvae", "--json"], cwd=tmp_path, capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=120,
@@ -206,3 +211,11 @@ def test_info_of_a_mini_preset_before_the_shapes_encoder_exists(tmp_path):
     described = json.loads(result.stdout.strip().splitlines()[-1])
     assert described["latent_shape"] == [32, 8, 8]
     assert described["params_by_part"]["backbone"] == 1224704
+
+
+def test_info_refuses_an_encoder_directory_without_a_config(tmp_path, capsys):
+    from unimm.cli import main
+
+    (tmp_path / "half-written").mkdir()
+    assert main(["info", "mini-psvae", f"model.encoder.name_or_path={tmp_path / 'half-written'}"]) == 2
+    assert "has no config.json" in capsys.readouterr().err

@@ -50,16 +50,19 @@ def load_encoder_config(name_or_path: str):
     """The transformers config of a representation encoder: a local directory, the catalogue, or the hub."""
     import transformers
 
-    if Path(name_or_path).is_dir():
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
         return transformers.AutoConfig.from_pretrained(name_or_path)
     catalogued = catalog_config(name_or_path)
     if catalogued is not None:
         return catalogued
     from tokenizer.shapes_encoder import ShapesEncoderConfig, backbone_config
 
-    if Path(name_or_path) == Path(ShapesEncoderConfig.output_dir):
-        # Not trained yet: describe the architecture `unimm shapes train-encoder` will write there.
+    if path == Path(ShapesEncoderConfig.output_dir):
+        # Not trained yet (or still training): the architecture `unimm shapes train-encoder` will write there.
         return backbone_config(ShapesEncoderConfig())
+    if path.is_dir():
+        raise UserError(f"'{name_or_path}' has no config.json: not a save_pretrained encoder directory (or still being written)")
     try:
         return transformers.AutoConfig.from_pretrained(name_or_path)
     except OSError as error:

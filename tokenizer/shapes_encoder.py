@@ -6,7 +6,11 @@ with `save_pretrained` so every tokenizer loads it through `RepresentationEncode
 exactly like the real DINOv2.
 
 Objective (supervised, dense + global, so the *patch* tokens carry semantics the way DINOv2's do):
-- per patch: the colour and the shape of the object that covers most of the patch (or "background");
+- per patch, for each cell of a `subpatch_grid` x `subpatch_grid` split of the patch: the colour and
+  the shape of the object that covers the cell (or "background"). A patch token must therefore say
+  *which part* of an object it shows, not only which object: DINOv2's patch features support linear
+  part segmentation, and without this a small star and a small circle (about one patch each at 64 px)
+  got nearly the same token, so the tokenizer built on it drew every small shape as a blob;
 - per image, from the mean of the patch tokens: the object count, the background, the texture and
   the rendering style.
 The prediction heads are discarded; only the backbone is saved.
@@ -15,6 +19,7 @@ The prediction heads are discarded; only the backbone is saved.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +35,6 @@ from data.shapes.vocabulary import BACKGROUNDS, COLORS, SHAPES, STYLES, TEXTURES
 from tokenizer.encoders import RepresentationEncoder, map_to_tokens
 from unimm.training.schedule import warmup_cosine_lr, warmup_factor
 
-# A patch belongs to an object when the object covers at least this fraction of it.
-PATCH_COVERAGE_THRESHOLD = 0.25
-
 
 @dataclass
 class ShapesEncoderConfig:
@@ -43,6 +45,10 @@ class ShapesEncoderConfig:
     num_layers: int = 6
     num_heads: int = 4
     mlp_ratio: int = 4
+    # Dense targets per patch: a subpatch_grid x subpatch_grid grid of cells (1 = one label per patch).
+    subpatch_grid: int = 4
+    # A cell belongs to an object when the object covers at least this fraction of it.
+    cell_coverage_threshold: float = 0.5
     num_train_scenes: int = 12000
     num_val_scenes: int = 500
     steps: int = 1200
@@ -58,52 +64,55 @@ class ShapesEncoderConfig:
 class SceneLabels:
     """Dense and global targets of a batch of scenes."""
 
-    patch_color: torch.Tensor  # (N, h*w) in 0..len(COLORS), len(COLORS) = background
-    patch_shape: torch.Tensor  # (N, h*w) in 0..len(SHAPES), len(SHAPES) = background
+    # Cell maps (N, h*s, w*s) for patches split into s x s cells (s = subpatch_grid).
+    cell_color: torch.Tensor  # in 0..len(COLORS), len(COLORS) = background
+    cell_shape: torch.Tensor  # in 0..len(SHAPES), len(SHAPES) = background
     count: torch.Tensor  # (N,) number of objects - 1
     background: torch.Tensor  # (N,)
     texture: torch.Tensor  # (N,)
     style: torch.Tensor  # (N,)
 
 
-def scene_patch_labels(scene: Scene, resolution: int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(h*w,) colour and shape class of the object covering most of each patch, background otherwise."""
-    grid = resolution // patch_size
-    colors = np.full(grid * grid, len(COLORS), dtype=np.int64)
-    shapes = np.full(grid * grid, len(SHAPES), dtype=np.int64)
+def scene_cell_labels(scene: Scene, resolution: int, cells: int, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(cells, cells) colour and shape class of the object covering each cell of a cells x cells grid
+    (the one covering most of it, when it covers at least `threshold`), background otherwise."""
+    colors = np.full((cells, cells), len(COLORS), dtype=np.int64)
+    shapes = np.full((cells, cells), len(SHAPES), dtype=np.int64)
     if not scene.objects:
         return colors, shapes
     coverage = render_object_coverage(scene, resolution)  # (objects, H, W)
-    per_patch = coverage.reshape(len(scene.objects), grid, patch_size, grid, patch_size).mean((2, 4))
-    per_patch = per_patch.reshape(len(scene.objects), grid * grid)
-    owner = per_patch.argmax(0)
-    covered = per_patch.max(0) >= PATCH_COVERAGE_THRESHOLD
-    for patch in np.flatnonzero(covered):
-        obj = scene.objects[owner[patch]]
-        colors[patch] = COLORS.index(obj.color)
-        shapes[patch] = SHAPES.index(obj.shape)
+    cell = resolution // cells
+    per_cell = coverage.reshape(len(scene.objects), cells, cell, cells, cell).mean((2, 4))  # (objects, cells, cells)
+    owner = per_cell.argmax(0)
+    covered = per_cell.max(0) >= threshold
+    object_colors = np.asarray([COLORS.index(obj.color) for obj in scene.objects])
+    object_shapes = np.asarray([SHAPES.index(obj.shape) for obj in scene.objects])
+    colors[covered] = object_colors[owner[covered]]
+    shapes[covered] = object_shapes[owner[covered]]
     return colors, shapes
 
 
-def render_pool(num_scenes: int, seed: int, resolution: int, patch_size: int) -> tuple[torch.Tensor, SceneLabels]:
+def render_pool(num_scenes: int, seed: int, config: ShapesEncoderConfig) -> tuple[torch.Tensor, SceneLabels]:
     """Images (N, 3, H, W) in [-1, 1] and their labels, from scenes seeded by `seed`."""
     rng = np.random.default_rng(seed)
+    resolution = config.resolution
+    cells = resolution // config.patch_size * config.subpatch_grid
     images = np.empty((num_scenes, resolution, resolution, 3), dtype=np.uint8)
-    patch_colors, patch_shapes, counts, backgrounds, textures, styles = [], [], [], [], [], []
+    cell_colors, cell_shapes, counts, backgrounds, textures, styles = [], [], [], [], [], []
     for index in range(num_scenes):
         scene = sample_scene(rng)
         images[index] = render_scene_array(scene, resolution)
-        colors, shapes = scene_patch_labels(scene, resolution, patch_size)
-        patch_colors.append(colors)
-        patch_shapes.append(shapes)
+        colors, shapes = scene_cell_labels(scene, resolution, cells, config.cell_coverage_threshold)
+        cell_colors.append(colors)
+        cell_shapes.append(shapes)
         counts.append(len(scene.objects) - 1)
         backgrounds.append(BACKGROUNDS.index(scene.background))
         textures.append(TEXTURES.index(scene.texture))
         styles.append(STYLES.index(scene.style))
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     labels = SceneLabels(
-        patch_color=torch.from_numpy(np.stack(patch_colors)),
-        patch_shape=torch.from_numpy(np.stack(patch_shapes)),
+        cell_color=torch.from_numpy(np.stack(cell_colors)),
+        cell_shape=torch.from_numpy(np.stack(cell_shapes)),
         count=torch.tensor(counts),
         background=torch.tensor(backgrounds),
         texture=torch.tensor(textures),
@@ -135,34 +144,50 @@ def build_backbone(config: ShapesEncoderConfig) -> RepresentationEncoder:
 
 
 class ShapesProbeHeads(nn.Module):
-    """Training-only heads: dense (per patch) and global (mean of patch tokens)."""
+    """Training-only heads: dense (each patch token predicts its s x s cells) and global (mean of tokens)."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, subpatch_grid: int = 1):
         super().__init__()
-        self.patch_color = nn.Linear(hidden_size, len(COLORS) + 1)
-        self.patch_shape = nn.Linear(hidden_size, len(SHAPES) + 1)
+        self.subpatch_grid = subpatch_grid
+        cells = subpatch_grid * subpatch_grid
+        self.cell_color = nn.Linear(hidden_size, cells * (len(COLORS) + 1))
+        self.cell_shape = nn.Linear(hidden_size, cells * (len(SHAPES) + 1))
         self.count = nn.Linear(hidden_size, MAX_OBJECTS)
         self.background = nn.Linear(hidden_size, len(BACKGROUNDS))
         self.texture = nn.Linear(hidden_size, len(TEXTURES))
         self.style = nn.Linear(hidden_size, len(STYLES))
 
+    def _cell_logits(self, head: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, h*w, D) -> logits laid out as the cell map, (B, h*s, w*s, classes)."""
+        grid = math.isqrt(tokens.shape[1])
+        s = self.subpatch_grid
+        logits = head(tokens).view(tokens.shape[0], grid, grid, s, s, -1)  # (B, h, w, s, s, K)
+        return logits.permute(0, 1, 3, 2, 4, 5).reshape(tokens.shape[0], grid * s, grid * s, -1)
+
     def losses_and_accuracies(self, tokens: torch.Tensor, labels: SceneLabels) -> tuple[torch.Tensor, dict[str, float]]:
         """tokens (B, h*w, D) -> summed cross-entropy and per-task accuracy."""
         pooled = tokens.mean(1)  # (B, D)
         logits = {
-            "patch_color": self.patch_color(tokens),
-            "patch_shape": self.patch_shape(tokens),
+            "cell_color": self._cell_logits(self.cell_color, tokens),
+            "cell_shape": self._cell_logits(self.cell_shape, tokens),
             "count": self.count(pooled),
             "background": self.background(pooled),
             "texture": self.texture(pooled),
             "style": self.style(pooled),
         }
+        # Most cells are background: the cells that show an object get a cross-entropy of their own (averaged
+        # over them alone), or the dense heads learn "background" and little about shapes.
+        on_objects = labels.cell_shape != len(SHAPES)  # (B, h*s, w*s)
         total = tokens.new_zeros(())
         accuracies = {}
         for name, task_logits in logits.items():
             target = getattr(labels, name)
             total = total + F.cross_entropy(task_logits.flatten(0, -2), target.flatten())
-            accuracies[name] = (task_logits.argmax(-1) == target).float().mean().item()
+            correct = task_logits.argmax(-1) == target
+            accuracies[name] = correct.float().mean().item()
+            if name.startswith("cell_") and on_objects.any():
+                total = total + F.cross_entropy(task_logits[on_objects], target[on_objects])
+                accuracies[f"{name}_on_objects"] = correct[on_objects].float().mean().item()
         return total, accuracies
 
 
@@ -189,12 +214,12 @@ def train_shapes_encoder(config: ShapesEncoderConfig, log=print) -> dict:
     """Train, save the backbone with `save_pretrained` to `config.output_dir`, return the final metrics."""
     torch.manual_seed(config.seed)
     started = time.time()
-    train_images, train_labels = render_pool(config.num_train_scenes, config.seed, config.resolution, config.patch_size)
-    val_images, val_labels = render_pool(config.num_val_scenes, config.seed + 1_000_003, config.resolution, config.patch_size)
+    train_images, train_labels = render_pool(config.num_train_scenes, config.seed, config)
+    val_images, val_labels = render_pool(config.num_val_scenes, config.seed + 1_000_003, config)
     log(f"rendered {config.num_train_scenes} + {config.num_val_scenes} scenes in {time.time() - started:.0f}s")
 
     encoder = build_backbone(config)
-    heads = ShapesProbeHeads(config.hidden_size)
+    heads = ShapesProbeHeads(config.hidden_size, config.subpatch_grid)
     parameters = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
@@ -208,10 +233,9 @@ def train_shapes_encoder(config: ShapesEncoderConfig, log=print) -> dict:
         flip = torch.rand(config.batch_size, generator=generator) < 0.5
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         labels = _select(train_labels, index)
-        grid = config.resolution // config.patch_size
-        for name in ("patch_color", "patch_shape"):
-            dense = getattr(labels, name).view(-1, grid, grid)
-            setattr(labels, name, torch.where(flip.view(-1, 1, 1), dense.flip(-1), dense).view(-1, grid * grid))
+        for name in ("cell_color", "cell_shape"):
+            dense = getattr(labels, name)
+            setattr(labels, name, torch.where(flip.view(-1, 1, 1), dense.flip(-1), dense))
         loss, accuracies = heads.losses_and_accuracies(map_to_tokens(encoder(images)), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

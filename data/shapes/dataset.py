@@ -46,8 +46,10 @@ class ShapesDatasetConfig:
     num_edit_train: int = 1000
     num_edit_val: int = 100
     # Fraction of text-to-image samples laid out from a random GenEval-style spec (counting, positions,
-    # colour binding) with the spec's prompt as the short caption, so those prompt forms are covered.
-    spec_fraction: float = 0.25
+    # colour binding) with the spec's prompt as the short caption, so those prompt forms are covered. The
+    # tag is drawn uniformly first, then a spec of that tag: drawn from the pooled specs, 900 of the 1060 are
+    # colour-binding pairs and "a photo of a circle" would be one caption in a thousand spec samples.
+    spec_fraction: float = 0.5
     samples_per_shard: int = 1000
     write_parquet: bool = True
     num_dpg_items: int = 100
@@ -63,21 +65,22 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-_SPEC_POOL: list[dict] | None = None
+_SPECS_BY_TAG: dict[str, list[dict]] | None = None
 
 
-def _spec_pool() -> list[dict]:
-    """Every distinct GenEval-style spec of the Shapes world (all tags, no sampling)."""
-    global _SPEC_POOL
-    if _SPEC_POOL is None:
-        _SPEC_POOL = geneval_prompts(tag_counts={tag: 10**9 for tag in GENEVAL_TAGS})
-    return _SPEC_POOL
+def _specs_by_tag() -> dict[str, list[dict]]:
+    """Every distinct GenEval-style spec of the Shapes world (no sampling), grouped by tag in GENEVAL_TAGS order."""
+    global _SPECS_BY_TAG
+    if _SPECS_BY_TAG is None:
+        specs = geneval_prompts(tag_counts={tag: 10**9 for tag in GENEVAL_TAGS})
+        _SPECS_BY_TAG = {tag: [spec for spec in specs if spec["tag"] == tag] for tag in GENEVAL_TAGS}
+    return _SPECS_BY_TAG
 
 
 def text_to_image_sample(config: ShapesDatasetConfig, split: str, index: int) -> dict:
     rng = sample_rng(config.seed, split, index)
     if rng.random() < config.spec_fraction:
-        pool = _spec_pool()
+        pool = _specs_by_tag()[GENEVAL_TAGS[int(rng.integers(len(GENEVAL_TAGS)))]]
         spec = pool[int(rng.integers(len(pool)))]
         scene = scene_for_spec(spec, rng)
         captions = {"caption_llava_short": spec["prompt"], "caption_llava": long_caption(scene), "txt": spec["prompt"]}

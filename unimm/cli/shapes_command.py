@@ -179,6 +179,8 @@ def run_train_encoder(args: argparse.Namespace) -> int:
     config = build_config(ShapesEncoderConfig, args.config, args.overrides)
     if config.resolution % config.patch_size:
         raise UserError(f"resolution={config.resolution} must be a multiple of patch_size={config.patch_size}")
+    if config.subpatch_grid < 1 or config.patch_size % config.subpatch_grid:
+        raise UserError(f"subpatch_grid={config.subpatch_grid} must be a divisor of patch_size={config.patch_size} (cells of whole pixels)")
     save_resolved_config(config, config.output_dir)
     metrics = train_shapes_encoder(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(metrics))
