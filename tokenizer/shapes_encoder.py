@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from data.shapes.render import render_object_coverage, render_scene_array
@@ -159,10 +160,8 @@ class ShapesProbeHeads(nn.Module):
 
     def _cell_logits(self, head: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, h*w, D) -> logits laid out as the cell map, (B, h*s, w*s, classes)."""
-        grid = math.isqrt(tokens.shape[1])
         s = self.subpatch_grid
-        logits = head(tokens).view(tokens.shape[0], grid, grid, s, s, -1)  # (B, h, w, s, s, K)
-        return logits.permute(0, 1, 3, 2, 4, 5).reshape(tokens.shape[0], grid * s, grid * s, -1)
+        return rearrange(head(tokens), "b (h w) (s1 s2 k) -> b (h s1) (w s2) k", h=math.isqrt(tokens.shape[1]), s1=s, s2=s)
 
     def losses_and_accuracies(self, tokens: torch.Tensor, labels: SceneLabels) -> tuple[torch.Tensor, dict[str, float]]:
         """tokens (B, h*w, D) -> summed cross-entropy and per-task accuracy."""
