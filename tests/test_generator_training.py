@@ -19,6 +19,7 @@ from tests.generator_fixtures import tiny_generator_config
 from tests.test_deepspeed_cpu import worker_env
 from unimm.cli import main
 from unimm.config import save_resolved_config
+from unimm.errors import UserError
 from unimm.trainer import GeneratorTrainer
 from unimm.training.distributed import find_free_port
 
@@ -86,6 +87,11 @@ def test_training_on_a_latent_cache(generator_parts, shapes, tmp_path):
                  "image_fields=[png]", "caption_fields=[txt]"]) == 0
     records = GeneratorTrainer(t2i_config(generator_parts, shapes, tmp_path / "run", data=str(tmp_path / "cache"), steps=3)).train()
     assert len(records) == 3 and all(torch.isfinite(torch.tensor(record["loss"])) for record in records)
+    # The cache fixed the captions to draw from: asking for others is refused, not silently ignored.
+    config = t2i_config(generator_parts, shapes, tmp_path / "other", data=str(tmp_path / "cache"), steps=3)
+    config.train.caption_fields = ["txt", "json.caption_llava"]
+    with pytest.raises(UserError, match=r"holds the captions of \['txt'\] but train.caption_fields"):
+        GeneratorTrainer(config)
 
 
 def test_editing_starts_from_text_to_image_and_both_pipelines_run_from_the_cli(generator_parts, shapes, tmp_path, capsys):

@@ -141,6 +141,15 @@ class GeneratorTrainer:
             dataset = LatentCacheDataset(patterns[0], seed=train.seed)
             if dataset.kind != train.task:
                 raise UserError(f"latent cache {patterns[0]} holds {dataset.kind} samples but train.task={train.task}")
+            # A cache keeps the captions of the fields it was written with and training draws among all of them,
+            # so train.caption_fields cannot narrow them down: a silent mismatch would train on other captions.
+            cached_fields = dataset.manifest.get("settings", {}).get("fields", {}).get("caption_fields")
+            if dataset.kind == "text_to_image" and cached_fields is not None and list(cached_fields) != list(train.caption_fields):
+                raise UserError(
+                    f"latent cache {patterns[0]} holds the captions of {cached_fields} but train.caption_fields="
+                    f"{list(train.caption_fields)}; set train.caption_fields to the cache's fields or write a cache "
+                    "with `unimm cache-latents ... caption_fields=[...]`"
+                )
             cached_shape = tuple(dataset.latent_shape)
             if cached_shape != tuple(self.tokenizer.latent_shape):
                 raise UserError(f"latent cache shape {cached_shape} does not match the tokenizer's {tuple(self.tokenizer.latent_shape)}")
