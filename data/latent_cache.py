@@ -459,6 +459,10 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             raise UserError(f"latent cache '{self.directory}' has unknown kind '{self.kind}'; write it again")
         self.seed = int(seed)
         self.latent_shape = tuple(manifest["latent_shape"] or ())
+        # The caption fields a text-to-image cache was written with (training draws among their texts); None for
+        # edit caches and for caches written before the settings were recorded.
+        caption_fields = manifest.get("settings", {}).get("fields", {}).get("caption_fields")
+        self.caption_fields: list[str] | None = list(caption_fields) if caption_fields is not None else None
         self.shard_names = [entry["name"] for entry in manifest["shards"]]
         for name in self.shard_names:
             for suffix in (".safetensors", ".json"):

@@ -143,10 +143,9 @@ class GeneratorTrainer:
                 raise UserError(f"latent cache {patterns[0]} holds {dataset.kind} samples but train.task={train.task}")
             # A cache keeps the captions of the fields it was written with and training draws among all of them,
             # so train.caption_fields cannot narrow them down: a silent mismatch would train on other captions.
-            cached_fields = dataset.manifest.get("settings", {}).get("fields", {}).get("caption_fields")
-            if dataset.kind == "text_to_image" and cached_fields is not None and list(cached_fields) != list(train.caption_fields):
+            if dataset.caption_fields is not None and dataset.caption_fields != list(train.caption_fields):
                 raise UserError(
-                    f"latent cache {patterns[0]} holds the captions of {cached_fields} but train.caption_fields="
+                    f"latent cache {patterns[0]} holds the captions of {dataset.caption_fields} but train.caption_fields="
                     f"{list(train.caption_fields)}; set train.caption_fields to the cache's fields or write a cache "
                     "with `unimm cache-latents ... caption_fields=[...]`"
                 )
