@@ -25,6 +25,22 @@ from unimm.models.sequence import TEXT, SequenceLayout
 from unimm.models.varlen_attention import IMPLEMENTATION_NAME as VARLEN_ATTENTION
 from unimm.models.varlen_attention import BlockCausalAttention
 
+
+def _backbone_cache_keyword() -> str:
+    """The name under which Qwen2Model takes and returns its KV cache.
+
+    transformers 5.x renamed `past_key_values` to `cache`: 5.25 warns on every call with the old name and marks
+    it for removal in 5.40, while older releases (pyproject allows >= 4.45) only know `past_key_values`.
+    """
+    import inspect
+
+    from transformers import Qwen2Model
+
+    return "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+
+
+_CACHE_KEYWORD = _backbone_cache_keyword()
+
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
 
@@ -101,15 +117,16 @@ class UnimmGenerator(nn.Module):
             )
         return mask
 
-    def run_backbone(self, embeddings, attention: BlockCausalAttention, position_ids, past_key_values=None, use_cache: bool = False):
+    def run_backbone(self, embeddings, attention: BlockCausalAttention, position_ids, cache=None, use_cache: bool = False):
+        """Backbone forward; returns (last hidden state, the KV cache or None)."""
         output = self.backbone(
             inputs_embeds=embeddings,
             attention_mask=self._mask(attention, embeddings.dtype),
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{_CACHE_KEYWORD: cache},
         )
-        return output.last_hidden_state, output.past_key_values
+        return output.last_hidden_state, output.get(_CACHE_KEYWORD)
 
     def predict_velocity(self, hidden: torch.Tensor, noisy_latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """hidden (S, n, hidden) at the noisy tokens -> velocity (S, C, H, W)."""
@@ -144,7 +161,7 @@ class UnimmGenerator(nn.Module):
         embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, :prefix]
         attention = layout.visibility(slice(0, prefix), slice(0, prefix))
         _, cache = self.run_backbone(
-            embeddings, attention, layout.position_ids[:, :prefix], past_key_values=DynamicCache(config=self.backbone.config), use_cache=True
+            embeddings, attention, layout.position_ids[:, :prefix], cache=DynamicCache(config=self.backbone.config), use_cache=True
         )
         return cache
 
@@ -159,7 +176,7 @@ class UnimmGenerator(nn.Module):
             attention = layout.visibility(slice(prefix, None))
         else:
             attention = layout.visibility(slice(prefix, None), slice(prefix, None))
-        hidden, _ = self.run_backbone(embeddings, attention, layout.position_ids[:, prefix:], past_key_values=cache, use_cache=cache is not None)
+        hidden, _ = self.run_backbone(embeddings, attention, layout.position_ids[:, prefix:], cache=cache, use_cache=cache is not None)
         return self.predict_velocity(hidden, noisy_latents, t)
 
     # ------------------------------------------------------------------------------ persistence
