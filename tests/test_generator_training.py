@@ -138,6 +138,7 @@ def test_editing_starts_from_text_to_image_and_both_pipelines_run_from_the_cli(g
     [
         (["train", "--config", "mini-shapes", "tokenizer=/nonexistent/tokenizer"], "is not a directory"),
         (["train", "--config", "no-such-preset"], "unknown generator preset"),
+        (["train", "--config", "mini-shapes", "train.lr_schedule=wsd", "train.cooldown_steps=99999999"], "cooldown_steps must be between"),
         (["generate", "a red circle", "--model", "/nonexistent/pipeline", "-o", "x.png"], "neither a pipeline directory"),
         (["edit", "/nonexistent.png", "make it blue", "--model", "/nonexistent", "-o", "x.png"], "cannot read the input image"),
     ],

@@ -151,6 +151,34 @@ def test_lambda_lr_schedulers_follow_the_functions():
         build_lr_scheduler(optimizer, "linear")
 
 
+def test_wsd_holds_the_rate_then_cools_down_linearly():
+    from unimm.training.schedule import scheduled_lr, wsd_lr
+
+    lr = 0.4
+    # warm-up 2, stable until 6, linear cool-down over the last 4 steps to 0.1 * lr at step 10
+    values = [wsd_lr(step, lr, 2, 10, 4, 0.1) for step in range(12)]
+    assert values == pytest.approx([0.0, 0.2, 0.4, 0.4, 0.4, 0.4, 0.4, 0.31, 0.22, 0.13, 0.04, 0.04])
+    # Before its cool-down a wsd run is the constant run step for step, whatever its end: a constant-rate
+    # checkpoint resumed with lr_schedule=wsd continues on the same curve.
+    for step in range(0, 600, 7):
+        assert scheduled_lr(step, lr, "wsd", 5, 1000, 0.0, 400) == scheduled_lr(step, lr, "constant", 5, 1000)
+    assert scheduled_lr(999, lr, "wsd", 5, 1000, 0.0, 400) == pytest.approx(lr / 400)
+    assert wsd_lr(3, lr, 0, 10, 0) == lr  # no cool-down: constant
+    with pytest.raises(ValueError, match="cooldown_steps"):
+        wsd_lr(0, lr, 2, 10, 9)
+    with pytest.raises(ValueError, match="cooldown_steps"):  # checked during the warm-up too
+        scheduled_lr(0, lr, "wsd", 2, 10, 0.0, 9)
+    with pytest.raises(ValueError, match="applies only to lr_schedule=wsd"):
+        scheduled_lr(50, lr, "cosine", 2, 100, 0.0, 10)
+
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=lr)
+    scheduler = build_lr_scheduler(optimizer, "wsd", warmup_steps=2, total_steps=10, min_lr_ratio=0.1, cooldown_steps=4)
+    for step in range(12):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(values[step])
+        optimizer.step()
+        scheduler.step()
+
+
 # -- RNG state ---------------------------------------------------------------------------------------
 def draw():
     return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist())

@@ -155,8 +155,9 @@ class TrainConfig:
     init_from: str = ""  # a tokenizer save_pretrained directory whose weights (and statistics) start the run
     discriminator_learning_rate: float = 1e-4
     warmup_steps: int = 0  # linear warm-up at the start of every stage
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up, within each stage
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"  # after warm-up, within each stage
     min_lr_ratio: float = 0.0
+    cooldown_steps: int = 0  # "wsd": linear decay over each stage's last cooldown_steps
     weight_decay: float = 0.0
     adam_beta1: float = 0.5  # LDM's autoencoder recipe
     adam_beta2: float = 0.9

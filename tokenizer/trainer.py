@@ -68,6 +68,8 @@ class StagePlan:
 
 
 def stage_plan(config: TokenizerTrainingConfig) -> list[StagePlan]:
+    from unimm.training.schedule import scheduled_lr
+
     train = config.train
     plan, start = [], 0
     if train.teacher_steps:
@@ -80,6 +82,11 @@ def stage_plan(config: TokenizerTrainingConfig) -> list[StagePlan]:
             start += stage.steps
     if not plan:
         raise UserError("the schedule has no steps; set train.stage1.steps, train.stage2.steps and/or train.decoder.steps")
+    for stage in plan:  # a bad schedule (e.g. cooldown_steps longer than a stage) fails now, not when the stage starts
+        try:
+            scheduled_lr(0, 1.0, train.lr_schedule, train.warmup_steps, stage.steps, train.min_lr_ratio, train.cooldown_steps)
+        except ValueError as error:
+            raise UserError(f"train.lr_schedule in stage {stage.name}: {error}") from None
     return plan
 
 
@@ -96,7 +103,10 @@ def learning_rate_at(config: TokenizerTrainingConfig, plan: list[StagePlan], ste
 
     stage = stage_at(plan, step)
     train = config.train
-    return scheduled_lr(step - stage.start, stage.config.learning_rate, train.lr_schedule, train.warmup_steps, stage.steps, train.min_lr_ratio)
+    return scheduled_lr(
+        step - stage.start, stage.config.learning_rate, train.lr_schedule, train.warmup_steps, stage.steps, train.min_lr_ratio,
+        train.cooldown_steps,
+    )
 
 
 def image_data_config(config: TokenizerTrainingConfig, shards: str, shuffle: bool = True, batch_size: int | None = None) -> DataConfig:

@@ -37,8 +37,11 @@ class GeneratorTrainConfig:
     steps: int = 200_000
     learning_rate: float = 1e-4
     warmup_steps: int = 1000
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"
     min_lr_ratio: float = 0.0
+    # "wsd": the rate decays linearly to min_lr_ratio * learning_rate over the last cooldown_steps before `steps`
+    # (resume a constant-rate run with lr_schedule=wsd and a new `steps` to cool it down from where it stopped).
+    cooldown_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95

@@ -36,7 +36,9 @@ def learning_rate_at(config: GeneratorTrainingConfig, step: int) -> float:
     from unimm.training.schedule import scheduled_lr
 
     train = config.train
-    return scheduled_lr(step, train.learning_rate, train.lr_schedule, train.warmup_steps, train.steps, train.min_lr_ratio)
+    return scheduled_lr(
+        step, train.learning_rate, train.lr_schedule, train.warmup_steps, train.steps, train.min_lr_ratio, train.cooldown_steps
+    )
 
 
 def load_frozen_tokenizer(path: str):
@@ -65,6 +67,10 @@ class GeneratorTrainer:
         self.output_dir = Path(config.output_dir)
         if train.task not in ("text_to_image", "edit"):
             raise UserError(f"train.task must be text_to_image or edit, got {train.task!r}")
+        try:
+            learning_rate_at(config, 0)  # a bad schedule (e.g. cooldown_steps > steps) fails now, not at its first step
+        except ValueError as error:
+            raise UserError(f"train.lr_schedule: {error}") from None
         # Before the accelerator: under ZeRO-3 transformers would partition models built after it.
         self.tokenizer = load_frozen_tokenizer(config.tokenizer)
         channels, height, width = self.tokenizer.latent_shape

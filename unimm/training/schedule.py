@@ -1,4 +1,9 @@
-"""Learning-rate schedules: linear warm-up, then cosine decay (or a constant rate).
+"""Learning-rate schedules: linear warm-up, then cosine decay, a constant rate, or warm-up-stable-decay.
+
+"wsd" (warm-up, stable, decay; MiniCPM's WSD) holds ``base_lr`` and then decays linearly to
+``min_lr_ratio · base_lr`` over the last ``cooldown_steps`` before ``total_steps``. Because the rate before the
+cool-down does not depend on ``total_steps``, a constant-rate run can be resumed with ``lr_schedule=wsd`` and
+a chosen end step: it continues on the same curve and cools down at the end.
 
 The schedule is a pure function of the optimizer step, so a resumed run only needs the step (the
 ``LambdaLR``'s ``last_epoch``, restored from its state dict) to continue on the same curve. The
@@ -19,7 +24,7 @@ from collections.abc import Callable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "wsd")
 
 
 def _check(warmup_steps: int, total_steps: int | None, min_lr_ratio: float = 0.0) -> None:
@@ -58,26 +63,62 @@ def constant_with_warmup_lr(step: int, base_lr: float, warmup_steps: int) -> flo
     return base_lr * warmup_factor(step, warmup_steps)
 
 
+def _check_cooldown(warmup_steps: int, total_steps: int, cooldown_steps: int, min_lr_ratio: float) -> None:
+    _check(warmup_steps, total_steps, min_lr_ratio)
+    if cooldown_steps < 0 or cooldown_steps > total_steps - warmup_steps:
+        raise ValueError(
+            f"cooldown_steps must be between 0 and steps - warmup_steps ({total_steps - warmup_steps}), got {cooldown_steps}"
+        )
+
+
+def wsd_lr(
+    step: int, base_lr: float, warmup_steps: int, total_steps: int, cooldown_steps: int, min_lr_ratio: float = 0.0
+) -> float:
+    """Linear warm-up to ``base_lr`` at ``warmup_steps``, ``base_lr`` until ``total_steps - cooldown_steps``, then a
+    linear decay reaching ``min_lr_ratio · base_lr`` at ``total_steps`` (and staying there)."""
+    _check_cooldown(warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
+    if step < warmup_steps:
+        return base_lr * warmup_factor(step, warmup_steps)
+    cooldown_start = total_steps - cooldown_steps
+    if cooldown_steps == 0 or step < cooldown_start:
+        return base_lr
+    progress = min(1.0, (step - cooldown_start) / cooldown_steps)
+    return base_lr * (1.0 - (1.0 - min_lr_ratio) * progress)
+
+
 def scheduled_lr(
-    step: int, base_lr: float, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    step: int,
+    base_lr: float,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+    cooldown_steps: int = 0,
 ) -> float:
     """The learning rate of optimizer step ``step`` (0-based) as a pure function of the step, for trainers
     that set it by hand (so an exact resume needs no scheduler state).
 
     The warm-up counts the step being taken (``step + 1``), so the very first step already learns; after
-    it, ``schedule`` is "constant" (``base_lr``) or "cosine" (:func:`warmup_cosine_lr` over ``total_steps``).
+    it, ``schedule`` is "constant" (``base_lr``), "cosine" (:func:`warmup_cosine_lr` over ``total_steps``) or
+    "wsd" (:func:`wsd_lr`: constant, then a linear cool-down over the last ``cooldown_steps``).
     """
+    if schedule == "wsd":
+        _check_cooldown(warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
+    elif cooldown_steps:
+        raise ValueError(f"cooldown_steps={cooldown_steps} applies only to lr_schedule=wsd, not {schedule!r}")
     if warmup_steps and step < warmup_steps:
         return base_lr * warmup_factor(step + 1, warmup_steps)
     if schedule == "constant":
         return base_lr
     if schedule == "cosine":
         return warmup_cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr_ratio)
+    if schedule == "wsd":
+        return wsd_lr(step, base_lr, warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def lr_multiplier(
-    name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0, cooldown_steps: int = 0
 ) -> Callable[[int], float]:
     """The ``LambdaLR`` multiplier (``lr(step) / base_lr``) of schedule ``name``."""
     if name == "cosine":
@@ -96,6 +137,13 @@ def lr_multiplier(
             return warmup_factor(step, warmup_steps)
 
         return constant
+    if name == "wsd":
+        wsd_lr(0, 1.0, warmup_steps, total_steps, cooldown_steps, min_lr_ratio)  # validates the arguments now
+
+        def warmup_stable_decay(step: int) -> float:
+            return wsd_lr(step, 1.0, warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
+
+        return warmup_stable_decay
     raise ValueError(f"unknown learning-rate schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
@@ -105,9 +153,10 @@ def build_lr_scheduler(
     warmup_steps: int = 0,
     total_steps: int = 1,
     min_lr_ratio: float = 0.0,
+    cooldown_steps: int = 0,
 ) -> LambdaLR:
-    """A ``LambdaLR`` for schedule ``name`` ("cosine" or "constant", both with linear warm-up)."""
-    return LambdaLR(optimizer, lr_multiplier(name, warmup_steps, total_steps, min_lr_ratio))
+    """A ``LambdaLR`` for schedule ``name`` ("cosine", "constant" or "wsd", all with linear warm-up)."""
+    return LambdaLR(optimizer, lr_multiplier(name, warmup_steps, total_steps, min_lr_ratio, cooldown_steps))
 
 
 def build_warmup_cosine_scheduler(
