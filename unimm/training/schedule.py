@@ -79,11 +79,17 @@ def wsd_lr(
     _check_cooldown(warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
     if step < warmup_steps:
         return base_lr * warmup_factor(step, warmup_steps)
+    return base_lr * _cooldown_factor(step, total_steps, cooldown_steps, min_lr_ratio)
+
+
+def _cooldown_factor(step: int, total_steps: int, cooldown_steps: int, min_lr_ratio: float) -> float:
+    """1 until ``total_steps - cooldown_steps``, then linear down to ``min_lr_ratio`` at ``total_steps`` (arguments
+    already checked by :func:`_check_cooldown`)."""
     cooldown_start = total_steps - cooldown_steps
     if cooldown_steps == 0 or step < cooldown_start:
-        return base_lr
+        return 1.0
     progress = min(1.0, (step - cooldown_start) / cooldown_steps)
-    return base_lr * (1.0 - (1.0 - min_lr_ratio) * progress)
+    return 1.0 - (1.0 - min_lr_ratio) * progress
 
 
 def scheduled_lr(
@@ -112,8 +118,8 @@ def scheduled_lr(
         return base_lr
     if schedule == "cosine":
         return warmup_cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr_ratio)
-    if schedule == "wsd":
-        return wsd_lr(step, base_lr, warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
+    if schedule == "wsd":  # checked above, before the warm-up's early return
+        return base_lr * _cooldown_factor(step, total_steps, cooldown_steps, min_lr_ratio)
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
@@ -138,10 +144,12 @@ def lr_multiplier(
 
         return constant
     if name == "wsd":
-        wsd_lr(0, 1.0, warmup_steps, total_steps, cooldown_steps, min_lr_ratio)  # validates the arguments now
+        _check_cooldown(warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
 
         def warmup_stable_decay(step: int) -> float:
-            return wsd_lr(step, 1.0, warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
+            if step < warmup_steps:
+                return warmup_factor(step, warmup_steps)
+            return _cooldown_factor(step, total_steps, cooldown_steps, min_lr_ratio)
 
         return warmup_stable_decay
     raise ValueError(f"unknown learning-rate schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
