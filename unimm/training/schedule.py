@@ -77,9 +77,15 @@ def wsd_lr(
     """Linear warm-up to ``base_lr`` at ``warmup_steps``, ``base_lr`` until ``total_steps - cooldown_steps``, then a
     linear decay reaching ``min_lr_ratio · base_lr`` at ``total_steps`` (and staying there)."""
     _check_cooldown(warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
+    return base_lr * _wsd_factor(step, warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
+
+
+def _wsd_factor(step: int, warmup_steps: int, total_steps: int, cooldown_steps: int, min_lr_ratio: float) -> float:
+    """:func:`wsd_lr` divided by ``base_lr``, without re-checking the arguments (the ``LambdaLR`` multiplier calls
+    it every step)."""
     if step < warmup_steps:
-        return base_lr * warmup_factor(step, warmup_steps)
-    return base_lr * _cooldown_factor(step, total_steps, cooldown_steps, min_lr_ratio)
+        return warmup_factor(step, warmup_steps)
+    return _cooldown_factor(step, total_steps, cooldown_steps, min_lr_ratio)
 
 
 def _cooldown_factor(step: int, total_steps: int, cooldown_steps: int, min_lr_ratio: float) -> float:
@@ -147,9 +153,7 @@ def lr_multiplier(
         _check_cooldown(warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
 
         def warmup_stable_decay(step: int) -> float:
-            if step < warmup_steps:
-                return warmup_factor(step, warmup_steps)
-            return _cooldown_factor(step, total_steps, cooldown_steps, min_lr_ratio)
+            return _wsd_factor(step, warmup_steps, total_steps, cooldown_steps, min_lr_ratio)
 
         return warmup_stable_decay
     raise ValueError(f"unknown learning-rate schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
