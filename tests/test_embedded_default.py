@@ -82,6 +82,29 @@ def test_export_swaps_in_a_decoder_stage_tokenizer_and_refuses_another_latent_sp
     assert "another latent space" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
+def test_re_export_of_a_continued_run_keeps_the_earlier_logs(packaged, tmp_path, capsys):
+    import shutil
+
+    run, out = packaged
+    shipped = tmp_path / "shipped"
+    shutil.copytree(out, shipped)
+    (shipped / "logs" / "encoder").mkdir()  # the history of a stage whose run directory is gone
+    (shipped / "logs" / "encoder" / "metrics.jsonl").write_text('{"step": 1}\n')
+    continued = tmp_path / "continued" / "t2i"
+    shutil.copytree(run / "t2i", continued)
+    (continued / "logs" / "metrics.jsonl").write_text('{"step": 7}\n')
+    assert main(["export", "shapes-default", "--run", str(run), "--t2i-run", str(continued), "--log-tag", "continued",
+                 "--tokenizer-run", str(run / "none"), "--encoder-run", str(run / "none"), "-o", str(shipped)]) == 0
+    logs = shipped / "logs"
+    assert sorted(path.name for path in logs.iterdir()) == ["edit", "edit-continued", "encoder", "t2i", "t2i-continued"]
+    assert (logs / "t2i-continued" / "metrics.jsonl").read_text() == '{"step": 7}\n'
+    assert (logs / "t2i" / "metrics.jsonl").read_text() == (run / "t2i" / "logs" / "metrics.jsonl").read_text()
+    assert (logs / "encoder" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+    assert main(["export", "shapes-default", "--run", str(run), "--log-tag", "../x", "-o", str(tmp_path / "refused")]) == 2
+    assert "--log-tag" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
 def test_exported_pipelines_sample_like_the_originals(packaged):
     run, out = packaged
     prompts = ["a photo of a red circle", "a photo of two blue squares"]

@@ -92,7 +92,9 @@ def package_default_checkpoints(
     """Write the shipped layout (module docstring) from two finished pipelines that share one image tokenizer.
 
     ``logs`` maps a stage name (``encoder``, ``tokenizer``, ``t2i``, ``edit``) to its run directory; the
-    resolved ``config.yaml`` and ``logs/metrics.jsonl`` of each are copied to ``logs/<stage>/``.
+    resolved ``config.yaml`` and ``logs/metrics.jsonl`` of each are copied to ``logs/<stage>/``. Stages already
+    in ``output/logs/`` that this export writes nothing for are kept: a model trained further from the shipped
+    weights on another machine keeps the history of the runs it started from.
     ``image_tokenizer``: a tokenizer with the pipelines' latent space and another pixel decoder (the
     tokenizer trainer's decoder stage); it replaces theirs. Returns a report with the file sizes.
     """
@@ -151,6 +153,10 @@ def package_default_checkpoints(
     readme = output / "README.md"
     if readme.is_file():  # hand-written provenance notes survive a re-export
         shutil.copyfile(readme, staging / "README.md")
+    if (output / "logs").is_dir():
+        for earlier in sorted((output / "logs").iterdir()):
+            if earlier.is_dir() and not (staging / "logs" / earlier.name).exists():
+                shutil.copytree(earlier, staging / "logs" / earlier.name)
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from unimm.cli.arguments import IntermixedArgumentParser
+from unimm.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -48,6 +50,13 @@ def register(subparsers) -> None:
         help="package the trained Shapes text-to-image and editing pipelines as the shipped default (checkpoints/shapes)",
     )
     shapes.add_argument("--run", default="runs/shapes-default", help="run directory of scripts/shapes_default.sh (t2i/, edit/)")
+    shapes.add_argument("--t2i-run", help="the text-to-image run directory (default: RUN/t2i); its pipeline/ and shapes.json are exported")
+    shapes.add_argument("--edit-run", help="the editing run directory (default: RUN/edit); its pipeline/ and shapes.json are exported")
+    shapes.add_argument(
+        "--log-tag",
+        help="the two generators' logs go to logs/t2i-TAG and logs/edit-TAG instead of logs/t2i and logs/edit (e.g. 'continued' "
+        "for runs trained further from the shipped weights); logs already in the output that this export does not write are kept",
+    )
     shapes.add_argument("--tokenizer-run", default="runs/mini-psvae", help="the tokenizer's run directory (its logs are copied)")
     shapes.add_argument(
         "--decoder-run", help="a decoder-stage run of that tokenizer (train.decoder): its tokenizer/ replaces the pipelines' "
@@ -90,15 +99,21 @@ def run_export_shapes_default(args: argparse.Namespace) -> int:
 
     from unimm.defaults import package_default_checkpoints
 
+    if args.log_tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.log_tag):
+        raise UserError(f"--log-tag must be a plain name of letters, digits, '.', '_' and '-' (like 'continued'), not '{args.log_tag}'")
+    suffix = f"-{args.log_tag}" if args.log_tag else ""
     run = Path(args.run)
+    t2i_run = Path(args.t2i_run) if args.t2i_run else run / "t2i"
+    edit_run = Path(args.edit_run) if args.edit_run else run / "edit"
 
     def optional(path: Path) -> Path | None:
         return path if path.is_file() else None
 
     report = package_default_checkpoints(
-        run / "t2i" / "pipeline", run / "edit" / "pipeline", args.output, dtype=args.dtype,
-        t2i_scores=optional(run / "t2i" / "shapes.json"), edit_scores=optional(run / "edit" / "shapes.json"),
-        logs={"encoder": args.encoder_run, "tokenizer": args.tokenizer_run, "t2i": run / "t2i", "edit": run / "edit",
+        t2i_run / "pipeline", edit_run / "pipeline", args.output, dtype=args.dtype,
+        t2i_scores=optional(t2i_run / "shapes.json"), edit_scores=optional(edit_run / "shapes.json"),
+        logs={"encoder": args.encoder_run, "tokenizer": args.tokenizer_run,
+              f"t2i{suffix}": t2i_run, f"edit{suffix}": edit_run,
               **({"tokenizer-decoder": args.decoder_run} if args.decoder_run else {})},
         image_tokenizer=Path(args.decoder_run) / "tokenizer" if args.decoder_run else None,
     )
