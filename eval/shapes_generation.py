@@ -89,12 +89,10 @@ class RenderedSceneOracle:
 
     def __call__(self, prompts: list[str], seed: list[int], **_sampling):
         import numpy as np
-        import torch
         from PIL import Image
 
         from data.shapes.prompts import scene_for_spec
         from data.shapes.render import render_scene_array
-        from unimm.pipeline import to_pil
 
         # One scene per (prompt, seed): the same scenes for the judge's and the tokenizer's ceiling.
         arrays = [
@@ -103,10 +101,21 @@ class RenderedSceneOracle:
         ]
         if self.tokenizer is None:
             return [Image.fromarray(array) for array in arrays]
-        parameter = next(self.tokenizer.parameters())
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(parameter.device, torch.float32) / 127.5 - 1.0
-        with torch.no_grad():
-            return to_pil(self.tokenizer.decode(self.tokenizer.encode(images)).float())
+        return tokenizer_round_trip(self.tokenizer, arrays)
+
+
+def tokenizer_round_trip(tokenizer, arrays: list) -> list:
+    """uint8 (H, W, 3) arrays -> PIL images of decode(encode(x)): what a generator that produced exactly the
+    latents of these images would show."""
+    import numpy as np
+    import torch
+
+    from unimm.pipeline import to_pil
+
+    parameter = next(tokenizer.parameters())
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(parameter.device, torch.float32) / 127.5 - 1.0
+    with torch.no_grad():
+        return to_pil(tokenizer.decode(tokenizer.encode(images)).float())
 
 
 def evaluate_geneval_ceilings(tokenizer, prompts: list[dict], samples_per_prompt: int = 4, seed: int = 0, batch_size: int = 32,

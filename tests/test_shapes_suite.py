@@ -63,3 +63,31 @@ def test_edit_scores_reward_the_target_and_not_the_unchanged_source():
     edit = pairs[0]
     assert edit_consistency_psnr(render_scene(edit.edited, 64), edit) > 60
     assert edit_consistency_psnr(render_scene(edit.source.replace(objects=()), 64), edit) < edit_consistency_psnr(render_scene(edit.source, 64), edit)
+
+
+def test_edit_ceiling_scores_the_targets_and_their_tokenizer_round_trips(generator_parts, tmp_path, capsys):
+    import json
+
+    from eval.shapes_suite import evaluate_shapes_edit_ceilings, score_edits
+    from tokenizer.model import SemanticAutoencoder
+    from unimm.cli import main
+
+    tokenizer = SemanticAutoencoder.from_pretrained(generator_parts[0])
+    size = tokenizer.config.image_size
+    pairs = shapes_edit_pairs(14, seed=0)
+    ceilings = evaluate_shapes_edit_ceilings(tokenizer, 14, batch_size=4)
+    # The "judge" reader is exactly the score of the target renders; a perfect output leaves nothing to lose.
+    assert ceilings["judge"] == score_edits(pairs, [render_scene(edit.edited, size) for edit in pairs])
+    assert ceilings["judge"]["pairs"] == 14 and ceilings["judge"]["consistency_psnr"] > 60
+    # An untrained tokenizer's round trips lose the scenes.
+    assert ceilings["tokenizer"]["adherence"] < ceilings["judge"]["adherence"]
+    assert ceilings["tokenizer"]["consistency_psnr"] < 40
+
+    out = tmp_path / "edit-ceiling.json"
+    assert main(["eval", "shapes", "--tokenizer", str(generator_parts[0]), "--suites", "edit-ceiling", "--edit-pairs", "7",
+                 "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())["scores"]
+    assert set(scores["shapes_edit_ceiling_tokenizer_adherence_by_task"]) == {edit.task for edit in pairs}
+    assert 0.0 <= scores["shapes_edit_ceiling_tokenizer_adherence"] <= scores["shapes_edit_ceiling_judge_adherence"]
+    assert main(["eval", "shapes", "--suites", "edit-ceiling"]) == 2
+    assert "edit-ceiling needs --tokenizer" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-SUITES = ("geneval", "dpg", "edit", "ceiling")
+SUITES = ("geneval", "dpg", "edit", "ceiling", "edit-ceiling")
 
 
 def register_actions(actions) -> None:
@@ -20,12 +20,14 @@ def register_actions(actions) -> None:
     )
     shapes.add_argument("--model", help="pipeline directory (<run>/pipeline of unimm train)")
     shapes.add_argument(
-        "--tokenizer", help="a tokenizer save_pretrained directory, for --suites ceiling without a generator (default: the model's)"
+        "--tokenizer",
+        help="a tokenizer save_pretrained directory, for --suites ceiling / edit-ceiling without a generator (default: the model's)",
     )
     shapes.add_argument(
         "--suites", default="geneval,dpg",
         help="comma list of geneval, dpg, edit (edit needs a model trained for editing), ceiling (ShapesGenEval of true "
-        "scenes as the judge reads them, and after the tokenizer's encode/decode: the best a generator can score)",
+        "scenes as the judge reads them, and after the tokenizer's encode/decode: the best a generator can score), "
+        "edit-ceiling (the same for ShapesEdit: the target scenes of the --edit-pairs pairs, and their round trips)",
     )
     shapes.add_argument("--samples", type=int, default=4, help="images per GenEval prompt / DPG item (GenEval and DPG use 4)")
     shapes.add_argument("--tags", help="GenEval tags to keep (default: all six)")
@@ -45,7 +47,7 @@ def register_actions(actions) -> None:
 def run_shapes(args: argparse.Namespace) -> int:
     from eval.results import markdown_table, write_results
     from eval.shapes_generation import evaluate_geneval, evaluate_geneval_ceilings, load_prompts
-    from eval.shapes_suite import evaluate_shapes_dpg, evaluate_shapes_edit
+    from eval.shapes_suite import evaluate_shapes_dpg, evaluate_shapes_edit, evaluate_shapes_edit_ceilings
     from unimm.errors import UserError
     from unimm.pipeline import UnimmPipeline
 
@@ -55,11 +57,12 @@ def run_shapes(args: argparse.Namespace) -> int:
         raise UserError(f"unknown suite(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SUITES)}")
     if args.samples < 1 or args.dpg_items < 1 or args.edit_pairs < 1:
         raise UserError("--samples, --dpg-items and --edit-pairs must be at least 1")
-    generating = [suite for suite in suites if suite != "ceiling"]
+    ceilings = [suite for suite in suites if suite in ("ceiling", "edit-ceiling")]
+    generating = [suite for suite in suites if suite not in ceilings]
     if generating and not args.model:
         raise UserError(f"--suites {','.join(generating)} needs --model <pipeline directory>")
-    if "ceiling" in suites and not (args.model or args.tokenizer):
-        raise UserError("--suites ceiling needs --tokenizer <tokenizer directory> or --model <pipeline directory>")
+    if ceilings and not (args.model or args.tokenizer):
+        raise UserError(f"--suites {','.join(ceilings)} needs --tokenizer <tokenizer directory> or --model <pipeline directory>")
     tags = [tag for tag in (args.tags or "").split(",") if tag] or None
     prompts = load_prompts(None, tags) if "geneval" in suites or "ceiling" in suites else []
     pipeline = UnimmPipeline.from_pretrained(args.model, device=args.device) if args.model else None
@@ -85,7 +88,7 @@ def run_shapes(args: argparse.Namespace) -> int:
         scores["shapes_edit_consistency_psnr"] = result["consistency_psnr"]
         rows += [("ShapesEdit adherence", task, value) for task, value in result["adherence_by_task"].items()]
         rows += [("ShapesEdit adherence", "overall", result["adherence"]), ("ShapesEdit consistency (dB)", "overall", result["consistency_psnr"])]
-    if "ceiling" in suites:
+    if ceilings:
         from unimm.cli.eval_command import _load_tokenizer  # here: eval_command imports this module
 
         if args.tokenizer:
@@ -93,6 +96,7 @@ def run_shapes(args: argparse.Namespace) -> int:
             tokenizer = tokenizer.to(args.device) if args.device else tokenizer
         else:
             tokenizer = pipeline.image_tokenizer
+    if "ceiling" in suites:
         result = evaluate_geneval_ceilings(tokenizer, prompts, args.samples, args.seed, args.batch_size)
         for reader, outcome in result.items():
             scores[f"shapes_geneval_ceiling_{reader}"] = outcome["overall"]
@@ -100,6 +104,16 @@ def run_shapes(args: argparse.Namespace) -> int:
             details[f"ceiling_{reader}"] = outcome["records"]
             label = "ceiling: true scenes" if reader == "judge" else "ceiling: true scenes through the tokenizer"
             rows += [(label, tag, value) for tag, value in outcome["by_tag"].items()] + [(label, "overall", outcome["overall"])]
+    if "edit-ceiling" in suites:
+        result = evaluate_shapes_edit_ceilings(tokenizer, args.edit_pairs, batch_size=args.batch_size)
+        for reader, outcome in result.items():
+            scores[f"shapes_edit_ceiling_{reader}_adherence"] = outcome["adherence"]
+            scores[f"shapes_edit_ceiling_{reader}_adherence_by_task"] = outcome["adherence_by_task"]
+            scores[f"shapes_edit_ceiling_{reader}_consistency_psnr"] = outcome["consistency_psnr"]
+            label = "edit ceiling: target scenes" if reader == "judge" else "edit ceiling: target scenes through the tokenizer"
+            rows += [(f"{label}, adherence", task, value) for task, value in outcome["adherence_by_task"].items()]
+            rows += [(f"{label}, adherence", "overall", outcome["adherence"]),
+                     (f"{label}, consistency (dB)", "overall", outcome["consistency_psnr"])]
     print(markdown_table(("suite", "tag / category / task", "score"), rows))
     if args.out:
         sampler = pipeline.sampling if pipeline is not None else None
