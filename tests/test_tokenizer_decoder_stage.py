@@ -59,3 +59,18 @@ def test_decoder_stage_rejects_a_tokenizer_of_another_shape(encoders, shapes, tm
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, pixel_decoder=wider))
     with pytest.raises(UserError, match="does not fit this preset's model"):
         TokenizerTrainer(config, resume=False)
+
+
+def test_decoder_stage_from_a_saved_tokenizer_needs_no_encoder_directory(encoders, shapes, tmp_path):
+    # On a fresh machine the preset's encoder run (runs/shapes-encoder) is gone; the saved tokenizer's own
+    # encoder config builds the backbone and init_from supplies every weight.
+    base_config, source = finished_tokenizer(encoders, shapes, tmp_path)
+    config = decoder_config(base_config, source, tmp_path / "decoder", steps=2)
+    gone = dataclasses.replace(config.model.encoder, name_or_path=str(tmp_path / "no-such-encoder"))
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, encoder=gone))
+    TokenizerTrainer(config, resume=False).train()
+    before = SemanticAutoencoder.from_pretrained(source)
+    after = SemanticAutoencoder.from_pretrained(tmp_path / "decoder" / "tokenizer")
+    images = torch.rand(2, 3, before.config.image_size, before.config.image_size) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(before.encode(images), after.encode(images))
