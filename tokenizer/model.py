@@ -161,13 +161,16 @@ class SemanticAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------------------------ build
     @classmethod
-    def build(cls, config: TokenizerModelConfig, pretrained_encoder: bool = True) -> SemanticAutoencoder:
-        """Build a preset; the backbone comes from `from_pretrained` (or random init from its config)."""
+    def build(cls, config: TokenizerModelConfig, pretrained_encoder: bool = True,
+              encoder_config_dir: str | Path | None = None) -> SemanticAutoencoder:
+        """Build a preset; the backbone comes from `from_pretrained`, or is randomly initialised from a config:
+        the preset encoder's (`pretrained_encoder=False`) or the one in `encoder_config_dir` (e.g. saved inside a
+        tokenizer whose weights will replace these, so the preset's encoder need not exist on this machine)."""
         backbone = None
         if config.encoder.role == "backbone":
-            name = config.encoder.name_or_path
+            name = str(encoder_config_dir) if encoder_config_dir is not None else config.encoder.name_or_path
             kind = config.encoder.kind or None
-            if pretrained_encoder:
+            if pretrained_encoder and encoder_config_dir is None:
                 try:
                     backbone = RepresentationEncoder.from_pretrained(name, kind=kind, image_size=config.encoder.image_size)
                 except OSError as error:

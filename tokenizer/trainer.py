@@ -51,7 +51,7 @@ from tokenizer.losses import (
     semantic_reconstruction_loss,
     teacher_feature_loss,
 )
-from tokenizer.model import ENCODER_CONFIG_DIR, SemanticAutoencoder, load_encoder_config
+from tokenizer.model import ENCODER_CONFIG_DIR, SemanticAutoencoder
 from unimm.config import save_resolved_config
 from unimm.errors import UserError
 from unimm.training.logging import save_image_grid
@@ -140,19 +140,6 @@ def load_tokenizer_weights(model: SemanticAutoencoder, directory: str) -> None:
         raise UserError(f"train.init_from='{directory}' does not fit this preset's model ({first}); start from the preset it was trained with") from None
 
 
-def build_model_for_run(config: TokenizerTrainingConfig) -> SemanticAutoencoder:
-    """The preset's model, its backbone from `from_pretrained`; or, with `train.init_from` a saved tokenizer, its
-    backbone built from the encoder config saved with that tokenizer: `init_from` replaces every weight, so the
-    preset's encoder (a hub id or a local run directory) need not exist on this machine."""
-    saved_encoder = Path(config.train.init_from) / ENCODER_CONFIG_DIR if config.train.init_from else None
-    if saved_encoder is None or not saved_encoder.is_dir() or config.model.encoder.role != "backbone":
-        return SemanticAutoencoder.build(config.model, pretrained_encoder=True)
-    encoder = config.model.encoder
-    backbone = RepresentationEncoder.from_config(load_encoder_config(str(saved_encoder)), kind=encoder.kind or None,
-                                                 image_size=encoder.image_size)
-    return SemanticAutoencoder(config.model, backbone)
-
-
 class TokenizerTrainer:
     def __init__(self, config: TokenizerTrainingConfig, resume: bool = True):
         from accelerate.utils import DistributedDataParallelKwargs
@@ -178,7 +165,9 @@ class TokenizerTrainer:
         self.is_main = self.accelerator.is_main_process
         torch.manual_seed(train.seed)  # identical initial weights on every rank
 
-        model = build_model_for_run(config)
+        # init_from replaces every weight, so the encoder config saved in that tokenizer is all the backbone needs.
+        saved_encoder = Path(train.init_from) / ENCODER_CONFIG_DIR if train.init_from else None
+        model = SemanticAutoencoder.build(config.model, encoder_config_dir=saved_encoder if saved_encoder and saved_encoder.is_dir() else None)
         if train.init_from:
             load_tokenizer_weights(model, train.init_from)
         # Only a decoder-stage schedule started from a finished tokenizer keeps that tokenizer's latent space.
