@@ -33,7 +33,7 @@ def register_actions(actions) -> None:
     shapes.add_argument("--tags", help="GenEval tags to keep (default: all six)")
     shapes.add_argument("--dpg-items", type=int, default=50, help="dense prompts in ShapesDPG")
     shapes.add_argument("--edit-pairs", type=int, default=70, help="edit pairs in ShapesEdit (balanced over the 7 tasks)")
-    shapes.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
+    shapes.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt: image k uses seed + k (edit pair k too), so a check held out from the reported seed-0 run needs a start beyond its images, e.g. --seed 1000")
     shapes.add_argument("--steps", type=int, help="Euler steps (default: the pipeline's)")
     shapes.add_argument("--cfg", type=float, help="text guidance scale (default: the pipeline's)")
     shapes.add_argument("--image-cfg", type=float, help="editing: input-image guidance scale (default: the pipeline's)")
