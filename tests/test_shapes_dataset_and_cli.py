@@ -108,6 +108,36 @@ def test_spec_samples_cover_every_geneval_tag_evenly():
     assert all(60 <= count <= 140 for count in tags.values()), tags  # 100 expected per tag
 
 
+def test_spec_tag_weights_shift_the_tag_mix_and_leave_the_uniform_default_unchanged():
+    from collections import Counter
+
+    from data.shapes.dataset import ShapesDatasetConfig, text_to_image_sample
+    from data.shapes.prompts import geneval_prompts
+    from eval.geneval_rules import GENEVAL_TAGS
+
+    # The first captions of the uniform default, as written before the weights existed: old datasets stay the same.
+    uniform = ShapesDatasetConfig(resolution=16, spec_fraction=1.0)
+    assert [text_to_image_sample(uniform, "train", index)["txt"] for index in range(4)] == [
+        "a photo of a green square", "a photo of a square", "a photo of two triangles",
+        "a photo of a black triangle and a blue circle",
+    ]
+    tag_of = {spec["prompt"]: spec["tag"] for spec in geneval_prompts(tag_counts={tag: 10**9 for tag in GENEVAL_TAGS})}
+    weighted = ShapesDatasetConfig(resolution=16, spec_fraction=1.0, spec_tag_weights=[1, 1, 1, 1, 3, 3])
+    tags = Counter(tag_of[text_to_image_sample(weighted, "train", index)["txt"]] for index in range(600))
+    # 180 expected for position and colour binding, 60 for each other tag
+    assert 130 <= tags["position"] <= 230 and 130 <= tags["color_attr"] <= 230, tags
+    assert all(25 <= tags[tag] <= 100 for tag in ("single_object", "two_object", "counting", "colors")), tags
+
+
+@pytest.mark.parametrize("weights", ["[1,1,1]", "[1,1,1,1,-1,1]", "[0,0,0,0,0,0]"])
+def test_bad_spec_tag_weights_are_a_one_line_error(tmp_path, capsys, weights):
+    code = main(["shapes", "dataset", "-o", str(tmp_path / "d"), "num_train=2", "num_val=1", "num_edit_train=1",
+                 "num_edit_val=1", f"spec_tag_weights={weights}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error and "spec_tag_weights needs 6 non-negative numbers" in error
+    assert not (tmp_path / "d").exists()
+
+
 def test_dataset_is_deterministic(tmp_path):
     first = write_shapes_dataset(TINY, tmp_path / "a", progress=False)
     second = write_shapes_dataset(TINY, tmp_path / "b", progress=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,10 @@ class ShapesDatasetConfig:
     # tag is drawn uniformly first, then a spec of that tag: drawn from the pooled specs, 900 of the 1060 are
     # colour-binding pairs and "a photo of a circle" would be one caption in a thousand spec samples.
     spec_fraction: float = 0.5
+    # Relative weight of each tag when a spec sample draws its tag, in GENEVAL_TAGS order (single_object,
+    # two_object, counting, colors, position, color_attr); empty means uniform. [1, 1, 1, 1, 3, 3] gives
+    # positions and colour binding, where the shipped T2I model is weakest, 30 % of the spec samples each.
+    spec_tag_weights: list[float] = field(default_factory=list)
     samples_per_shard: int = 1000
     write_parquet: bool = True
     num_dpg_items: int = 100
@@ -77,10 +81,26 @@ def _specs_by_tag() -> dict[str, list[dict]]:
     return _SPECS_BY_TAG
 
 
+def spec_tag_probabilities(weights: list[float]) -> np.ndarray | None:
+    """The tag distribution of spec samples from `spec_tag_weights` (None: uniform); raises ValueError on bad weights."""
+    if not weights:
+        return None
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (len(GENEVAL_TAGS),) or not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(
+            f"spec_tag_weights needs {len(GENEVAL_TAGS)} non-negative numbers, not all 0, one per tag in the order "
+            f"{', '.join(GENEVAL_TAGS)}; got {list(weights)}"
+        )
+    return weights / weights.sum()
+
+
 def text_to_image_sample(config: ShapesDatasetConfig, split: str, index: int) -> dict:
     rng = sample_rng(config.seed, split, index)
     if rng.random() < config.spec_fraction:
-        pool = _specs_by_tag()[GENEVAL_TAGS[int(rng.integers(len(GENEVAL_TAGS)))]]
+        probabilities = spec_tag_probabilities(config.spec_tag_weights)
+        # Uniform draws keep rng.integers, so datasets written before the weights existed stay byte-identical.
+        tag_index = int(rng.integers(len(GENEVAL_TAGS))) if probabilities is None else int(rng.choice(len(GENEVAL_TAGS), p=probabilities))
+        pool = _specs_by_tag()[GENEVAL_TAGS[tag_index]]
         spec = pool[int(rng.integers(len(pool)))]
         scene = scene_for_spec(spec, rng)
         captions = {"caption_llava_short": spec["prompt"], "caption_llava": long_caption(scene), "txt": spec["prompt"]}

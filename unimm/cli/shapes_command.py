@@ -84,7 +84,7 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def run_dataset(args: argparse.Namespace) -> int:
-    from data.shapes.dataset import ShapesDatasetConfig, write_shapes_dataset
+    from data.shapes.dataset import ShapesDatasetConfig, spec_tag_probabilities, write_shapes_dataset
     from unimm.config import build_config
 
     config = build_config(ShapesDatasetConfig, args.config, args.overrides)
@@ -92,6 +92,10 @@ def run_dataset(args: argparse.Namespace) -> int:
         raise UserError(f"resolution={config.resolution} is too small; use 16 or more (64 and 256 are the usual)")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, not {args.workers}")
+    try:
+        spec_tag_probabilities(config.spec_tag_weights)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     summary = write_shapes_dataset(config, args.output, progress=sys.stderr.isatty(), workers=args.workers)
     print(json.dumps(summary))
     return 0
