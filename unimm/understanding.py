@@ -35,6 +35,7 @@ from torch import nn
 
 from data.shapes.vocabulary import COLORS, NUMBER_WORDS, SHAPE_PLURALS, SHAPES
 from unimm.errors import UserError
+from unimm.training.schedule import scheduled_lr
 
 MODEL_FILE = "understanding.json"
 CONNECTOR_FILE = "connector.safetensors"
@@ -426,13 +427,6 @@ def config_from_metadata(metadata: dict) -> UnderstandingConfig:
 # ----------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------------
-def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_steps(
     model: UnderstandingModel,
     features: torch.Tensor,
@@ -462,7 +456,9 @@ def train_steps(
     started = time.perf_counter()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps, learning_rate, warmup_steps)
+            # The shared schedule (warm-up counting the step being taken, then a cosine to 0); a warm-up longer
+            # than the run is cut to the run, so short runs still reach the peak rate.
+            group["lr"] = scheduled_lr(step, learning_rate, "cosine", min(warmup_steps, steps), steps)
         indices = rng.integers(len(scenes), size=batch_size)
         questions = [sample_training_question(scenes[index], rng) for index in indices]
         logits = model.answer_logits(features[torch.from_numpy(indices)].to(device), [q.text for q in questions])
