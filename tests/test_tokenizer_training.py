@@ -72,6 +72,33 @@ def test_interrupted_run_resumes_on_the_same_trajectory(encoders, shapes, tmp_pa
         assert torch.equal(a, b), name
 
 
+def test_linear_readout_term_makes_the_latent_a_linear_map_of_the_features(encoders, shapes, tmp_path):
+    """mini-psvae-readout: a per-cell linear map latent -> encoder features, trained with L_s beside the paper's terms."""
+    config = tiny_config(
+        "mini-psvae-readout", encoders, shapes, tmp_path / "run",
+        stage1=StageConfig(steps=12, learning_rate=3e-3, detach_pixel_latent=True),
+        stage2=StageConfig(steps=0), decoder=StageConfig(steps=0), checkpoint_every=1000, seed=3,
+    )
+    assert config.loss.linear_readout_weight == 1.0 and config.model.semantic.linear_readout
+    records = run_single_threaded(config)
+    readout = [record["linear_readout"] for record in records]
+    assert len(readout) == 12 and sum(readout[-3:]) < 0.8 * sum(readout[:3])
+
+    model = SemanticAutoencoder.from_pretrained(tmp_path / "run" / "tokenizer").eval()
+    assert isinstance(model.semantic_linear_readout, torch.nn.Linear)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        outputs = model(images, sample=False)
+    latent = model.encode(images)  # (B, C, h, w); the read-out sees each cell's C channels
+    expected = model.semantic_linear_readout(latent.flatten(2).transpose(1, 2))
+    assert torch.allclose(outputs["linear_semantic_reconstruction"], expected, atol=1e-6)
+    assert outputs["linear_semantic_reconstruction"].shape == outputs["encoder_tokens"].shape
+    # The paper's preset has no such head, term or logged value.
+    plain = tiny_config("mini-psvae", encoders, shapes, tmp_path / "plain", stage2=StageConfig(steps=0), decoder=StageConfig(steps=0))
+    assert SemanticAutoencoder.build(plain.model).semantic_linear_readout is None
+    assert "linear_readout" not in run_single_threaded(plain)[0]
+
+
 @pytest.mark.slow
 def test_deepspeed_two_process_cpu_run_completes(encoders, shapes, tmp_path):
     config = tiny_config(

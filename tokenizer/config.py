@@ -29,6 +29,10 @@ class SemanticConfig:
     num_blocks: int = 0  # 0 = no semantic encoder (features go straight to the bottleneck)
     mlp_hidden: int = 0  # hidden width of the projection MLPs; 0 = the encoder's hidden size
     decoder: bool = True  # semantic decoder reconstructing the encoder features (the L_s path)
+    # Not in PS-VAE: a training-only linear map from each latent cell to the encoder features, trained with
+    # L_s (weight loss.linear_readout_weight). The paper's semantic decoder is three transformer blocks, which
+    # can read a non-linear code; this term asks the latent to hold the features linearly as well.
+    linear_readout: bool = False
 
 
 @dataclass
@@ -114,6 +118,7 @@ class LossConfig:
     pixel_group_weight: float = 1.0  # multiplies L_p (pixel + perceptual + adversarial)
     teacher_feature_weight: float = 0.0  # S-AE's λ_reg·||f_s(x) − f_t(x)||², stage 2
     semantic_preservation_weight: float = 0.0  # GAE's λ_sp
+    linear_readout_weight: float = 0.0  # L_s on model.semantic.linear_readout's prediction (psvae; not in the paper)
     alignment_weight: float = 0.0  # ReaLS
     alignment_cosine_weight: float = 0.9
     alignment_smooth_weight: float = 0.1

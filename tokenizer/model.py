@@ -81,7 +81,7 @@ class SemanticAutoencoder(nn.Module):
         if (config.encoder.role == "backbone") != (backbone is not None):
             raise ValueError(f"encoder role {config.encoder.role!r} and the given backbone disagree")
         self.backbone = backbone
-        self.semantic_encoder = self.semantic_decoder = None
+        self.semantic_encoder = self.semantic_decoder = self.semantic_linear_readout = None
         self.downsampler = self.quant_projection = None
         self.pixel_encoder = None
         self.semantic_downsampler = self.semantic_teacher_decoder = None
@@ -98,6 +98,8 @@ class SemanticAutoencoder(nn.Module):
                     self.semantic_decoder = SemanticDecoder(
                         backbone.copy_last_blocks(config.semantic.num_blocks), hidden, latent.channels, config.semantic.mlp_hidden
                     )
+                if config.semantic.linear_readout:
+                    self.semantic_linear_readout = nn.Linear(latent.channels, hidden)  # (B, N, C) -> (B, N, D), per cell
             elif latent.bottleneck == "gaussian":
                 if latent.downsample_layers:
                     self.downsampler = StrideConvDownsampler(hidden, latent.downsample_layers)
@@ -256,6 +258,8 @@ class SemanticAutoencoder(nn.Module):
             outputs["encoder_tokens"] = tokens
         if self.semantic_decoder is not None:
             outputs["semantic_reconstruction"] = self.semantic_decoder(map_to_tokens(latent), self.backbone.grid_size)
+        if self.semantic_linear_readout is not None:
+            outputs["linear_semantic_reconstruction"] = self.semantic_linear_readout(map_to_tokens(latent))
         if self.alignment_heads is not None:
             outputs["aligned_patches"], outputs["aligned_cls"] = self.alignment_heads(posterior["mean"])
         if self.semantic_downsampler is not None and teacher_tokens is not None:

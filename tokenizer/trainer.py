@@ -348,6 +348,10 @@ class TokenizerTrainer:
                 semantic = semantic + semantic_reconstruction_loss(outputs["encoder_tokens"], target)["total"]
             terms["semantic"] = semantic * loss_config.semantic_weight
             semantic_total = semantic_total + terms["semantic"]
+            if loss_config.linear_readout_weight > 0 and "linear_semantic_reconstruction" in outputs:
+                readout = semantic_reconstruction_loss(outputs["linear_semantic_reconstruction"], target)["total"]
+                terms["linear_readout"] = readout * loss_config.linear_readout_weight
+                semantic_total = semantic_total + terms["linear_readout"]
         total = total + semantic_group * semantic_total
 
         teacher_weight = self._stage_weight(stage.config, "teacher_feature_weight")
