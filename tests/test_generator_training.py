@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.generator_fixtures import tiny_generator_config
-from tests.test_deepspeed_cpu import worker_env
+from tests.test_deepspeed_cpu import leftover_shared_memory, worker_env
 from unimm.cli import main
 from unimm.config import save_resolved_config
 from unimm.errors import UserError
@@ -158,13 +158,16 @@ def test_deepspeed_two_process_run_is_killed_and_resumes_on_the_same_trajectory(
     launcher group) right after its first checkpoint, then relaunched."""
     deepspeed = str(REPO / "configs" / "deepspeed" / f"{zero}.json")
 
+    ports: list[int] = []
+
     def command(run: Path) -> list[str]:
         # keep_checkpoints=3: with the default 2, checkpoint-2 is pruned at step 6, and a poll that missed its short
         # life waited for a file that no longer existed until the run had finished (a flaky failure under load).
         config = t2i_config(generator_parts, shapes, run, steps=6, checkpoint_every=2, keep_checkpoints=3,
                             deepspeed_config=deepspeed, batch_size=2)
         config_file = save_resolved_config(config, tmp_path / f"config-{run.name}")
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(find_free_port()),
+        ports.append(find_free_port())
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(ports[-1]),
                 "--no_local_rank", "--module", "unimm", "train", "--config", str(config_file)]
 
     def losses(run: Path) -> dict[int, float]:
@@ -186,6 +189,8 @@ def test_deepspeed_two_process_run_is_killed_and_resumes_on_the_same_trajectory(
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "pipeline").exists()
+    # No exit hook runs in a killed process: the DeepSpeed CPU all-reduce segments were released at start-up.
+    assert leftover_shared_memory(ports[-1]) == []
 
     result = subprocess.run(command(killed), cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -79,7 +79,7 @@ def test_linear_readout_term_makes_the_latent_a_linear_map_of_the_features(encod
         stage1=StageConfig(steps=12, learning_rate=3e-3, detach_pixel_latent=True),
         stage2=StageConfig(steps=0), decoder=StageConfig(steps=0), checkpoint_every=1000, seed=3,
     )
-    assert config.loss.linear_readout_weight == 1.0 and config.model.semantic.linear_readout
+    assert config.loss.linear_readout_weight == 10.0 and config.model.semantic.linear_readout
     records = run_single_threaded(config)
     readout = [record["linear_readout"] for record in records]
     assert len(readout) == 12 and sum(readout[-3:]) < 0.8 * sum(readout[:3])

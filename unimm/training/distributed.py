@@ -208,17 +208,22 @@ def deepspeed_shm_path(rank: int, addr: str | None = None, port: str | None = No
     return SHARED_MEMORY_DIR / f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
 
 
-def release_deepspeed_shm_at_exit() -> Path | None:
-    """Remove this rank's DeepSpeed CPU all-reduce segment when the process exits.
+def release_deepspeed_shm(accelerator) -> Path | None:
+    """Remove this rank's DeepSpeed CPU all-reduce segment from /dev/shm as soon as every rank has mapped it.
 
-    DeepSpeed creates one ~69 MB segment per rank in /dev/shm and never unlinks it, so every CPU DeepSpeed
-    run left its segments in RAM until a reboot (a test suite's worth of launches held 18 GB on our 24 GB
-    machine). Every rank maps all ranks' segments while it initialises, so removing the name at exit is
-    safe; the memory is freed when the last process unmaps it.
+    DeepSpeed creates one ~69 MB segment per rank and never unlinks it, so every CPU DeepSpeed run, finished or
+    killed, left its segments in RAM until a reboot (a test suite's worth of launches held 18 GB on our 24 GB
+    machine). Each rank creates its own segment and maps every other rank's while DeepSpeed's communication
+    backend initialises, before the ``Accelerator`` is returned, so after one barrier no rank needs the names any
+    more: unlinking them then frees the memory when the last process unmaps it, however the run ends. The exit
+    hook covers a segment created later than this (none in DeepSpeed 0.19). Every rank must call this.
     """
     path = deepspeed_shm_path(get_rank())
-    if path is not None:
-        atexit.register(lambda: path.unlink(missing_ok=True))
+    if path is None:
+        return None
+    atexit.register(path.unlink, missing_ok=True)
+    accelerator.wait_for_everyone()
+    path.unlink(missing_ok=True)
     return path
 
 
@@ -269,8 +274,6 @@ def build_accelerator(
         )
         if on_cpu and not any(isinstance(h, InitProcessGroupKwargs) for h in kwargs_handlers):
             kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        if on_cpu:
-            release_deepspeed_shm_at_exit()
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=gradient_accumulation_steps,
@@ -286,6 +289,8 @@ def build_accelerator(
             kwargs_handlers=kwargs_handlers,
             **accelerator_kwargs,
         )
+    if use_deepspeed and on_cpu:
+        release_deepspeed_shm(accelerator)
     expected = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if accelerator.num_processes != expected:
         raise RuntimeError(
