@@ -256,10 +256,11 @@ class SemanticAutoencoder(nn.Module):
         outputs = {"latent": latent, "reconstruction": self.pixel_decoder(pixel_input), **posterior}
         if tokens is not None:
             outputs["encoder_tokens"] = tokens
+        latent_tokens = map_to_tokens(latent)  # (B, h*w, C): what both semantic read-backs take
         if self.semantic_decoder is not None:
-            outputs["semantic_reconstruction"] = self.semantic_decoder(map_to_tokens(latent), self.backbone.grid_size)
+            outputs["semantic_reconstruction"] = self.semantic_decoder(latent_tokens, self.backbone.grid_size)
         if self.semantic_linear_readout is not None:
-            outputs["linear_semantic_reconstruction"] = self.semantic_linear_readout(map_to_tokens(latent))
+            outputs["linear_semantic_reconstruction"] = self.semantic_linear_readout(latent_tokens)
         if self.alignment_heads is not None:
             outputs["aligned_patches"], outputs["aligned_cls"] = self.alignment_heads(posterior["mean"])
         if self.semantic_downsampler is not None and teacher_tokens is not None:
