@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The Shapes-world tokenizer experiment, end to end on a CPU (docs/tokenizer.md, "Miniature run"):
 # data -> small representation encoder -> mini PS-VAE (two stages + decoder stage) and mini P-VAE -> reconstruction
-# metrics, ShapesGenEval ceilings and linear probes. Every step resumes or is skipped when its output exists;
-# re-run to continue.
+# metrics, ShapesGenEval ceilings and linear probes; then the same at 96 channels with the linear read-out.
+# Every step resumes or is skipped when its output exists; re-run to continue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
@@ -11,12 +11,14 @@ source scripts/setup_env.sh
 [ -f runs/shapes-encoder/model.safetensors ] || unimm shapes train-encoder --config configs/shapes/encoder.yaml \
   > runs/shapes-encoder.log 2>&1
 
-# The PS-VAE first, on both cores (the generators need it); then the P-VAE control.
-for preset in mini-psvae mini-pvae; do
+# The PS-VAE first, on both cores (the generators need it); then the P-VAE control; then the 96-channel PS-VAE with
+# the linear read-out term (ours, not the paper's) and its P-VAE control (docs/tokenizer.md, "The read-out at 96 channels").
+presets="mini-psvae mini-pvae mini-psvae-readout-96c mini-pvae-96c"
+for preset in $presets; do
   [ -f "runs/$preset/tokenizer/model.safetensors" ] || unimm train-tokenizer --config "$preset" > "runs/$preset.log" 2>&1
 done
 
-for preset in mini-psvae mini-pvae; do
+for preset in $presets; do
   unimm eval recon --tokenizer "runs/$preset/tokenizer" --data runs/shapes-tok/t2i/val --no-fid --no-lpips \
     --noise-sigmas 0,0.1,0.2,0.5 --out "runs/$preset/recon.json"
   unimm eval shapes --tokenizer "runs/$preset/tokenizer" --suites ceiling --out "runs/$preset/ceiling.json"
