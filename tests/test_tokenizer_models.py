@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.tokenizer_fixtures import tiny_config
+from tokenizer.config import StageConfig
 from tokenizer.encoders import (
     ENCODER_KINDS,
     RepresentationEncoder,
@@ -21,7 +22,7 @@ from tokenizer.encoders import (
     tokens_to_map,
 )
 from tokenizer.model import SemanticAutoencoder, shift_factor
-from tokenizer.presets import available_presets, describe_preset
+from tokenizer.presets import available_presets, describe_preset, load_preset
 from tokenizer.trainer import TokenizerTrainer, latent_statistics
 
 
@@ -146,6 +147,33 @@ def test_psvae_stage1_freezes_the_encoder_and_detaches_the_pixel_path(encoders, 
     trainer.train(max_steps=1)  # stage 2
     changed = _parameters(model.backbone)
     assert any(not torch.equal(after[name], changed[name]) for name in after)
+
+
+PIXEL_ENCODER_PRESETS = [preset for preset in available_presets() if load_preset(preset).model.encoder.role == "none"]
+
+
+@pytest.mark.parametrize("preset", PIXEL_ENCODER_PRESETS)
+def test_pixel_encoder_presets_train_the_encoder_through_the_pixel_loss(preset, encoders, shapes, tmp_path):
+    # A pixel encoder has no semantic loss: if the pixel path were detached (as PS-VAE's stage 1 is), only the KL
+    # term would reach it and the latent would collapse to the prior (the mini VAE did, inheriting mini-psvae's stage 1).
+    config = tiny_config(preset, encoders, shapes, tmp_path)
+    trainer = TokenizerTrainer(config, resume=False)
+    images = next(iter(trainer.loader))["image"]
+    for stage in trainer.plan:
+        if stage.name == "decoder":
+            continue
+        gradients = torch.autograd.grad(_pixel_term(trainer, images, stage), list(trainer.unwrapped.pixel_encoder.parameters()),
+                                        allow_unused=True)
+        assert any(gradient is not None and torch.count_nonzero(gradient) > 0 for gradient in gradients), stage.name
+
+
+def test_a_detached_pixel_path_behind_a_pixel_encoder_is_refused(encoders, shapes, tmp_path):
+    from unimm.errors import UserError
+
+    config = tiny_config("mini-vae", encoders, shapes, tmp_path,
+                         stage1=StageConfig(steps=1, learning_rate=1e-4, detach_pixel_latent=True))
+    with pytest.raises(UserError, match="train.stage1.detach_pixel_latent=false"):
+        TokenizerTrainer(config, resume=False)
 
 
 def _pixel_term(trainer, images, stage):

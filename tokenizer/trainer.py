@@ -82,6 +82,14 @@ def stage_plan(config: TokenizerTrainingConfig) -> list[StagePlan]:
             start += stage.steps
     if not plan:
         raise UserError("the schedule has no steps; set train.stage1.steps, train.stage2.steps and/or train.decoder.steps")
+    for stage in plan:
+        if stage.config.detach_pixel_latent and config.model.encoder.role == "none":
+            # PS-VAE's stage 1 detaches the pixel path because its latent learns from the semantic losses; a pixel
+            # encoder would learn from the KL term alone and collapse to the prior (the mini VAE once did).
+            raise UserError(
+                f"train.{stage.name}.detach_pixel_latent is on, but this model's latent comes from a pixel encoder, which "
+                f"would then learn from the KL term alone; set train.{stage.name}.detach_pixel_latent=false"
+            )
     for stage in plan:  # a bad schedule (e.g. cooldown_steps longer than a stage) fails now, not when the stage starts
         try:
             scheduled_lr(0, 1.0, train.lr_schedule, train.warmup_steps, stage.steps, train.min_lr_ratio, train.cooldown_steps)
