@@ -167,11 +167,16 @@ def test_pixel_encoder_presets_train_the_encoder_through_the_pixel_loss(preset, 
         assert any(gradient is not None and torch.count_nonzero(gradient) > 0 for gradient in gradients), stage.name
 
 
-def test_a_detached_pixel_path_behind_a_pixel_encoder_is_refused(encoders, shapes, tmp_path):
+@pytest.mark.parametrize("preset,semantic_weight", [("mini-vae", None), ("mini-psvae", 0.0)])
+def test_a_detached_pixel_path_without_semantic_losses_is_refused(preset, semantic_weight, encoders, shapes, tmp_path):
+    import dataclasses
+
     from unimm.errors import UserError
 
-    config = tiny_config("mini-vae", encoders, shapes, tmp_path,
+    config = tiny_config(preset, encoders, shapes, tmp_path,
                          stage1=StageConfig(steps=1, learning_rate=1e-4, detach_pixel_latent=True))
+    if semantic_weight is not None:
+        config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, semantic_weight=semantic_weight))
     with pytest.raises(UserError, match="train.stage1.detach_pixel_latent=false"):
         TokenizerTrainer(config, resume=False)
 

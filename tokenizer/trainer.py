@@ -82,13 +82,19 @@ def stage_plan(config: TokenizerTrainingConfig) -> list[StagePlan]:
             start += stage.steps
     if not plan:
         raise UserError("the schedule has no steps; set train.stage1.steps, train.stage2.steps and/or train.decoder.steps")
+    model, loss = config.model, config.loss
+    # PS-VAE's stage 1 detaches the pixel path because its latent learns from the semantic losses; without them
+    # (a pixel encoder, or PS-VAE with the semantic losses off) the latent would learn from the KL term alone and
+    # collapse to the prior (the mini VAE once did).
+    no_semantic_signal = model.encoder.role == "none" or (
+        model.family == "psvae" and loss.linear_readout_weight <= 0
+        and (loss.semantic_weight <= 0 or not model.semantic.decoder)
+    )
     for stage in plan:
-        if stage.config.detach_pixel_latent and config.model.encoder.role == "none":
-            # PS-VAE's stage 1 detaches the pixel path because its latent learns from the semantic losses; a pixel
-            # encoder would learn from the KL term alone and collapse to the prior (the mini VAE once did).
+        if stage.config.detach_pixel_latent and stage.name != "decoder" and no_semantic_signal:
             raise UserError(
-                f"train.{stage.name}.detach_pixel_latent is on, but this model's latent comes from a pixel encoder, which "
-                f"would then learn from the KL term alone; set train.{stage.name}.detach_pixel_latent=false"
+                f"train.{stage.name}.detach_pixel_latent is on, but this model's latent has no semantic loss and would "
+                f"learn from the KL term alone; set train.{stage.name}.detach_pixel_latent=false"
             )
     for stage in plan:  # a bad schedule (e.g. cooldown_steps longer than a stage) fails now, not when the stage starts
         try:
