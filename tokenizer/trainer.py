@@ -82,21 +82,19 @@ def stage_plan(config: TokenizerTrainingConfig) -> list[StagePlan]:
             start += stage.steps
     if not plan:
         raise UserError("the schedule has no steps; set train.stage1.steps, train.stage2.steps and/or train.decoder.steps")
-    model, loss = config.model, config.loss
-    # PS-VAE's stage 1 detaches the pixel path because its latent learns from the semantic losses; without them
-    # (a pixel encoder, or PS-VAE with the semantic losses off) the latent would learn from the KL term alone and
-    # collapse to the prior (the mini VAE once did).
+    model = config.model
+    # PS-VAE's stage 1 detaches the pixel path because its latent learns from the semantic losses (`compute_losses`
+    # adds them, the linear read-out included, only with a semantic decoder); without them (a pixel encoder, or
+    # PS-VAE with the semantic losses off) the latent would learn from the KL term alone and collapse to the prior.
     no_semantic_signal = model.encoder.role == "none" or (
-        model.family == "psvae" and loss.linear_readout_weight <= 0
-        and (loss.semantic_weight <= 0 or not model.semantic.decoder)
+        model.family == "psvae" and (config.loss.semantic_weight <= 0 or not model.semantic.decoder)
     )
-    for stage in plan:
+    for stage in plan:  # a bad schedule (e.g. cooldown_steps longer than a stage) fails now, not when the stage starts
         if stage.config.detach_pixel_latent and stage.name != "decoder" and no_semantic_signal:
             raise UserError(
                 f"train.{stage.name}.detach_pixel_latent is on, but this model's latent has no semantic loss and would "
                 f"learn from the KL term alone; set train.{stage.name}.detach_pixel_latent=false"
             )
-    for stage in plan:  # a bad schedule (e.g. cooldown_steps longer than a stage) fails now, not when the stage starts
         try:
             scheduled_lr(0, 1.0, train.lr_schedule, train.warmup_steps, stage.steps, train.min_lr_ratio, train.cooldown_steps)
         except ValueError as error:
