@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from unimm.models.config import GeneratorModelConfig
+from unimm.training.hard_negatives import CaptionContrastConfig
 
 
 @dataclass
@@ -74,6 +75,9 @@ class GeneratorTrainConfig:
     # Prompts of the periodic sample grids (text-to-image) and the sampler used for them.
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a red circle", "a photo of two blue squares"])
     sample_steps: int = 25
+    # Text-to-image: a second pass on captions whose binding is swapped (relation words, two colours), asking the
+    # model to fit the image better under the true caption (unimm/training/hard_negatives.py). Off by default.
+    caption_contrast: CaptionContrastConfig = field(default_factory=CaptionContrastConfig)
 
 
 @dataclass

@@ -17,11 +17,12 @@ import torch
 from data.config import DataConfig
 from unimm.config import save_resolved_config
 from unimm.errors import UserError
-from unimm.flow import flow_matching_loss, interpolate, training_shift, training_timesteps
+from unimm.flow import flow_matching_loss, interpolate, training_shift, training_timesteps, velocity_target
 from unimm.models.backbone import encode_text, load_text_tokenizer
 from unimm.models.generator import UnimmGenerator
 from unimm.models.sequence import SampleSpec, build_layout
 from unimm.train_config import GeneratorTrainingConfig
+from unimm.training.hard_negatives import CaptionNegatives, caption_contrast_loss, per_sample_flow_loss
 
 PIPELINE_DIR = "pipeline"
 
@@ -84,6 +85,19 @@ class GeneratorTrainer:
             raise UserError(f"the tokenizer's {height}x{width} latent grid is not divisible by model.latent_patch_size={patch}")
         self.shift = train.shift or training_shift(channels, patch)
         self.text_tokenizer = load_text_tokenizer(model_config.backbone.name_or_path)
+        contrast = train.caption_contrast
+        self.caption_negatives = None
+        if contrast.weight < 0 or contrast.sharpness <= 0:
+            raise UserError("train.caption_contrast needs weight >= 0 and sharpness > 0")
+        if contrast.weight > 0:
+            if train.task != "text_to_image":
+                raise UserError("train.caption_contrast is a text-to-image term; set train.caption_contrast.weight=0 for editing")
+            try:
+                self.caption_negatives = CaptionNegatives(contrast.swap_pairs, contrast.exchange_classes)
+            except ValueError as error:
+                raise UserError(f"train.caption_contrast: {error}") from None
+            if self.caption_negatives.swap_pattern is None and not self.caption_negatives.class_patterns:
+                raise UserError("train.caption_contrast.weight > 0 but no swap_pairs or exchange_classes to build negatives from")
 
         self.accelerator = build_accelerator(
             mixed_precision=train.mixed_precision,
@@ -220,9 +234,46 @@ class GeneratorTrainer:
         grid = tuple(dimension // self.config.model.latent_patch_size for dimension in clean.shape[-2:])
         layout = build_layout(specs, grid).to(self.device)
         clean_inputs = source[keep_image.to(self.device)] if source is not None and keep_image.any() else None
-        velocity = self.model(layout, interpolate(clean, noise, t), t, clean_inputs)
+        noisy = interpolate(clean, noise, t)
+        velocity = self.model(layout, noisy, t, clean_inputs)
         loss = flow_matching_loss(velocity, clean, noise)
-        return loss, {"text_dropped": float((~keep_text).float().mean()), "mean_t": float(t.mean())}
+        metrics = {"text_dropped": float((~keep_text).float().mean()), "mean_t": float(t.mean())}
+        if self.caption_negatives is not None:
+            contrast = self._caption_contrast(texts, noisy, t, velocity, clean, noise, grid, random)
+            if contrast is not None:
+                if contrast[1]:
+                    metrics["flow_loss"] = float(loss.detach())
+                loss = loss + train.caption_contrast.weight * contrast[0]
+                metrics.update(contrast[1])
+        return loss, metrics
+
+    def _caption_contrast(self, texts, noisy, t, velocity, clean, noise, grid, random):
+        """The caption-contrast term on the samples with a hard negative: the same noisy latents under the negative
+        caption; None when the batch has none (hard_negatives.py)."""
+        negatives = self.caption_negatives.sample(texts, random)
+        chosen = [index for index, negative in enumerate(negatives) if negative is not None]
+        placeholder = not chosen
+        if placeholder:
+            if self.world_size == 1:
+                return None
+            # Every rank must run the same number of forward passes (ZeRO-3 gathers parameters in each), so a rank
+            # whose batch has no negative runs one sample under its own caption and adds the term times 0.
+            chosen, negatives = [0], [texts[0]] + negatives[1:]
+        rows = torch.tensor(chosen, device=noisy.device)
+        negative_ids = encode_text(self.text_tokenizer, [negatives[i] for i in chosen], self.config.model.backbone.max_text_tokens)
+        layout = build_layout([SampleSpec(ids) for ids in negative_ids], grid).to(self.device)
+        negative_velocity = self.model(layout, noisy[rows], t[rows])
+        target = velocity_target(clean[rows], noise[rows])
+        loss_true = per_sample_flow_loss(velocity[rows], target)
+        loss_negative = per_sample_flow_loss(negative_velocity, target)
+        contrast = caption_contrast_loss(loss_true, loss_negative, self.config.train.caption_contrast.sharpness)
+        if placeholder:
+            return contrast * 0.0, {}
+        return contrast, {
+            "contrast": float(contrast.detach()),
+            "negative_fraction": len(chosen) / len(texts),
+            "negative_margin": float((loss_negative - loss_true).mean().detach()),
+        }
 
     # ---------------------------------------------------------------------------------- the loop
     def train(self, max_steps: int | None = None) -> list[dict]:

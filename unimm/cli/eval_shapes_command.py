@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-SUITES = ("geneval", "dpg", "edit", "ceiling", "edit-ceiling")
+SUITES = ("geneval", "dpg", "edit", "ceiling", "edit-ceiling", "binding")
 
 
 def register_actions(actions) -> None:
@@ -27,7 +27,9 @@ def register_actions(actions) -> None:
         "--suites", default="geneval,dpg",
         help="comma list of geneval, dpg, edit (edit needs a model trained for editing), ceiling (ShapesGenEval of true "
         "scenes as the judge reads them, and after the tokenizer's encode/decode: the best a generator can score), "
-        "edit-ceiling (the same for ShapesEdit: the target scenes of the --edit-pairs pairs, and their round trips)",
+        "edit-ceiling (the same for ShapesEdit: the target scenes of the --edit-pairs pairs, and their round trips), "
+        "binding (no sampling: the model's flow loss on true position / colour-binding scenes under the prompt against "
+        "the prompt with its relation reversed or colours traded; a margin near 0 means the words are read as a bag)",
     )
     shapes.add_argument("--samples", type=int, default=4, help="images per GenEval prompt / DPG item (GenEval and DPG use 4)")
     shapes.add_argument("--tags", help="GenEval tags to keep (default: all six)")
@@ -64,7 +66,7 @@ def run_shapes(args: argparse.Namespace) -> int:
     if ceilings and not (args.model or args.tokenizer):
         raise UserError(f"--suites {','.join(ceilings)} needs --tokenizer <tokenizer directory> or --model <pipeline directory>")
     tags = [tag for tag in (args.tags or "").split(",") if tag] or None
-    prompts = load_prompts(None, tags) if "geneval" in suites or "ceiling" in suites else []
+    prompts = load_prompts(None, tags) if {"geneval", "ceiling", "binding"} & set(suites) else []
     pipeline = UnimmPipeline.from_pretrained(args.model, device=args.device) if args.model else None
     sampling = {key: value for key, value in (("steps", args.steps), ("cfg", args.cfg), ("shift", args.shift)) if value is not None}
     scores, details, rows = {}, {}, []
@@ -88,6 +90,18 @@ def run_shapes(args: argparse.Namespace) -> int:
         scores["shapes_edit_consistency_psnr"] = result["consistency_psnr"]
         rows += [("ShapesEdit adherence", task, value) for task, value in result["adherence_by_task"].items()]
         rows += [("ShapesEdit adherence", "overall", result["adherence"]), ("ShapesEdit consistency (dB)", "overall", result["consistency_psnr"])]
+    if "binding" in suites:
+        from eval.shapes_binding import evaluate_binding
+
+        try:
+            result = evaluate_binding(pipeline, prompts, args.samples, args.seed, batch_size=args.batch_size)
+        except ValueError as error:
+            raise UserError(f"--suites binding: {error}; keep the position or color_attr tags") from None
+        scores["shapes_binding"] = result
+        for tag, outcome in result.items():
+            rows.append((f"binding: prefers the prompt over its negative ({outcome['scenes']} scenes)", tag, outcome["prefers_prompt"]))
+            rows += [(f"binding at t={t}: margin L(negative) - L(prompt); caption gain L(empty) - L(prompt)", tag,
+                      f"{values['margin']:+.5f}; {values['caption_gain']:+.5f}") for t, values in outcome["by_t"].items()]
     if ceilings:
         from unimm.cli.eval_command import _load_tokenizer  # here: eval_command imports this module
 
