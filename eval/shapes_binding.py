@@ -56,11 +56,11 @@ def evaluate_binding(pipeline, prompts: list[dict], samples_per_prompt: int = 1,
         raise ValueError("no position or colour-binding prompts with a hard negative to probe")
     tokenizer, generator, device = pipeline.image_tokenizer, pipeline.generator, pipeline.device
     size = tokenizer.config.image_size
+    specs_by_prompt = {spec["prompt"]: spec for spec in prompts}
     margins = {tag: {t: [] for t in timesteps} for tag in BINDING_TAGS}
     gains = {tag: {t: [] for t in timesteps} for tag in BINDING_TAGS}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        specs_by_prompt = {spec["prompt"]: spec for spec in prompts}
         pixels = np.stack([render_scene_array(scene_for_spec(specs_by_prompt[prompt], np.random.default_rng(scene_seed)), size)
                            for _, prompt, _, scene_seed in chunk])
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device, torch.float32) / 127.5 - 1.0

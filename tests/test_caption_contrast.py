@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data.shapes.vocabulary import COLORS
+from eval.shapes_binding import SHAPES_SWAP_PAIRS
 from tests.test_generator_training import t2i_config
 from unimm.errors import UserError
 from unimm.trainer import GeneratorTrainer
 from unimm.training.hard_negatives import CaptionNegatives, caption_contrast_loss
 
-COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
-RELATIONS = [["left", "right"], ["above", "below"]]
+COLOURS = list(COLORS)
+RELATIONS = SHAPES_SWAP_PAIRS
 
 
 @pytest.mark.parametrize("caption, negatives", [
@@ -82,7 +84,7 @@ def test_trainer_adds_the_contrast_term_and_logs_it(generator_parts, shapes, tmp
 def margin_after_training(generator_parts, shapes, output_dir, contrast_weight: float, steps: int = 30) -> float:
     """Fit one fixed batch of relation/colour captions for `steps` Adam steps on flow + weight * contrast, then
     return how much worse the negatives fit (mean per-sample loss difference) on fresh noise."""
-    from unimm.flow import interpolate
+    from unimm.flow import flow_matching_loss, interpolate
     from unimm.models.backbone import encode_text
     from unimm.models.sequence import SampleSpec, build_layout
 
@@ -102,8 +104,6 @@ def margin_after_training(generator_parts, shapes, output_dir, contrast_weight: 
         contrast, terms = trainer._caption_contrast(captions, noisy, t, velocity, clean, noise, grid, random)
         if step == steps:
             return terms["negative_margin"]
-        from unimm.flow import flow_matching_loss
-
         optimizer.zero_grad()
         (flow_matching_loss(velocity, clean, noise) + contrast_weight * contrast).backward()
         optimizer.step()
