@@ -44,6 +44,7 @@ def evaluate_binding(pipeline, prompts: list[dict], samples_per_prompt: int = 1,
     """
     from data.shapes.prompts import scene_for_spec
     from data.shapes.render import render_scene_array
+    from eval.shapes_generation import arrays_to_tensor
     from unimm.flow import interpolate, velocity_target
     from unimm.models.sequence import SampleSpec, build_layout
 
@@ -61,10 +62,9 @@ def evaluate_binding(pipeline, prompts: list[dict], samples_per_prompt: int = 1,
     gains = {tag: {t: [] for t in timesteps} for tag in BINDING_TAGS}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        pixels = np.stack([render_scene_array(scene_for_spec(specs_by_prompt[prompt], np.random.default_rng(scene_seed)), size)
-                           for _, prompt, _, scene_seed in chunk])
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device, torch.float32) / 127.5 - 1.0
-        clean = tokenizer.normalize_latents(tokenizer.encode(images)).float()
+        pixels = [render_scene_array(scene_for_spec(specs_by_prompt[prompt], np.random.default_rng(scene_seed)), size)
+                  for _, prompt, _, scene_seed in chunk]
+        clean = tokenizer.normalize_latents(tokenizer.encode(arrays_to_tensor(pixels, device))).float()
         # Each item its own noise (one draw per item, shared by its three captions and all timesteps).
         noise = torch.stack([torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(1_000_003 * scene_seed + start + index))
                              for index, (*_, scene_seed) in enumerate(chunk)]).to(device)

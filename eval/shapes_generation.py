@@ -104,16 +104,22 @@ class RenderedSceneOracle:
         return tokenizer_round_trip(self.tokenizer, arrays)
 
 
+def arrays_to_tensor(arrays, device):
+    """uint8 (H, W, 3) arrays (a list or a stacked array) -> float (N, 3, H, W) in [-1, 1], the tokenizers' input."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device, torch.float32) / 127.5 - 1.0
+
+
 def tokenizer_round_trip(tokenizer, arrays: list) -> list:
     """uint8 (H, W, 3) arrays -> PIL images of decode(encode(x)): what a generator that produced exactly the
     latents of these images would show."""
-    import numpy as np
     import torch
 
     from unimm.pipeline import to_pil
 
-    parameter = next(tokenizer.parameters())
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(parameter.device, torch.float32) / 127.5 - 1.0
+    images = arrays_to_tensor(arrays, next(tokenizer.parameters()).device)
     with torch.no_grad():
         return to_pil(tokenizer.decode(tokenizer.encode(images)).float())
 

@@ -270,8 +270,8 @@ def main() -> None:
         layout = build_layout([SampleSpec(ids) for ids in prompts], grid).to(device)
         with autocast():
             if use_cache:
-                cache = model.encode_prefix(layout)
-                velocity = lambda x, time_: model.forward_cached(layout, cache, x, time_).float()  # noqa: E731
+                prefix = model.encode_prefix(layout)
+                velocity = lambda x, time_: model.forward_cached(layout, prefix, x, time_).float()  # noqa: E731
             else:
                 velocity = lambda x, time_: model(layout, x, time_).float()  # noqa: E731
             return euler_sample(velocity, start_noise, timesteps)

@@ -351,14 +351,14 @@ def test_kv_cached_steps_equal_the_full_forward(model, use_attention, case):
     if case == "empty_prompt":
         assert layout.prefix_length == 0
     count = len(specs)
-    cache = model.encode_prefix(layout, clean)
-    assert (cache is None) == (case == "empty_prompt")
+    prefix = model.encode_prefix(layout, clean)
+    assert (prefix.cache is None) == (case == "empty_prompt")
     for step in range(3):  # the same cache serves every denoising step
         noisy, t = latents(count, 20 + step), times(count, 20 + step)
         expected = model(layout, noisy, t, clean)
-        torch.testing.assert_close(model.forward_cached(layout, cache, noisy, t), expected, atol=1e-5, rtol=1e-4)
-        if cache is not None:
-            assert cache.get_seq_length() == layout.prefix_length + TOKENS
+        torch.testing.assert_close(model.forward_cached(layout, prefix, noisy, t), expected, atol=1e-5, rtol=1e-4)
+        if prefix.cache is not None:
+            assert prefix.cache.get_seq_length() == layout.prefix_length + TOKENS
 
 
 def test_kv_cache_needs_an_aligned_layout(model):

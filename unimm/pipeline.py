@@ -141,12 +141,12 @@ class UnimmPipeline:
         """Run `groups` conditioning variants of the same images in one batch and combine their velocities."""
         grid = (noise.shape[-2] // self.generator.config.latent_patch_size, noise.shape[-1] // self.generator.config.latent_patch_size)
         layout = build_layout(specs, grid).to(self.device)
-        cache = self.generator.encode_prefix(layout, clean) if use_kv_cache else None
+        prefix = self.generator.encode_prefix(layout, clean) if use_kv_cache else None
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             batch_x, batch_t = x.repeat(groups, 1, 1, 1), t.repeat(groups)
             if use_kv_cache:
-                predicted = self.generator.forward_cached(layout, cache, batch_x, batch_t)
+                predicted = self.generator.forward_cached(layout, prefix, batch_x, batch_t)
             else:
                 predicted = self.generator(layout, batch_x, batch_t, clean)
             return combine(*predicted.float().chunk(groups))

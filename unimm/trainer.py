@@ -142,8 +142,20 @@ class GeneratorTrainer:
         path = Path(source).expanduser()
         for candidate in (path, path / PIPELINE_DIR):
             if (candidate / CONFIG_FILE).is_file():
-                loaded = UnimmGenerator.from_pretrained(candidate)
-                model.load_state_dict(loaded.state_dict())
+                from unimm.models.generator import ZERO_INITIALISED_PREFIXES
+
+                loaded = UnimmGenerator.from_pretrained(candidate).state_dict()
+                own = model.state_dict()
+                # A part this model adds that starts at zero (text_summary) leaves the loaded model's predictions as they were.
+                missing = [name for name in own if name not in loaded and not name.startswith(ZERO_INITIALISED_PREFIXES)]
+                unexpected = [name for name in loaded if name not in own]
+                resized = [name for name in loaded if name in own and loaded[name].shape != own[name].shape]
+                if missing or unexpected or resized:
+                    raise UserError(
+                        f"train.init_from='{source}' does not fit this model's architecture (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}, other shapes {resized[:3]}); use the model.* settings it was trained with"
+                    )
+                model.load_state_dict(loaded, strict=False)
                 return
         raise UserError(f"train.init_from='{source}' holds no saved generator ({CONFIG_FILE}); point it at a finished text-to-image run")
 

@@ -41,3 +41,9 @@ class GeneratorModelConfig:
     latent_patch_size: int = 1
     # Sinusoidal features fed to the timestep MLPs.
     timestep_frequency_size: int = 256
+    # Add the backbone's final state at each sample's last text token (projected; the projection starts at zero)
+    # to every noisy image token's input, beside the timestep embedding. Causal text means an early word cannot
+    # know what follows it ("red circle" before "left of a blue square"); the last token has read the whole
+    # caption, and this hands that reading to every image token from the first layer on. Costs one extra
+    # backbone pass over the prefix in training (none in KV-cached sampling, which runs the prefix anyway).
+    text_summary: bool = False

@@ -4,12 +4,14 @@ latent embeddings at its input, and the wide DDT head at its output.
 Image latents enter the backbone through a linear projection, plus the fixed 2D sin-cos code of their grid
 position, plus an embedding of their timestep (t = 0 for the clean input image of an edit), as in Bagel.
 The backbone's output at the noisy image tokens conditions the DDT head, which predicts the velocity.
+With `text_summary`, the backbone's final state at the caption's last token is added to the noisy image tokens'
+input as well (see `GeneratorModelConfig.text_summary`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +45,17 @@ _CACHE_KEYWORD = _backbone_cache_keyword()
 
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
+# Parameters that start at zero, so a checkpoint saved without them loads into a model that has them and
+# predicts exactly what it predicted before (`train.init_from` a model trained without `text_summary`).
+ZERO_INITIALISED_PREFIXES = ("text_summary_projection.",)
+
+
+@dataclass
+class EncodedPrefix:
+    """The text (and clean input image) prefix run once for KV-cached sampling."""
+
+    cache: object | None  # transformers DynamicCache of the prefix; None for an empty prefix
+    text_summary: torch.Tensor | None  # (samples, hidden) when the model uses `text_summary`, else None
 
 
 class UnimmGenerator(nn.Module):
@@ -59,6 +72,10 @@ class UnimmGenerator(nn.Module):
         self.head = DDTHead(config.head, self.token_size, hidden_size, config.timestep_frequency_size)
         nn.init.normal_(self.timestep_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.timestep_embedder.mlp[2].weight, std=0.02)
+        self.text_summary_projection = nn.Linear(hidden_size, hidden_size) if config.text_summary else None
+        if self.text_summary_projection is not None:
+            nn.init.zeros_(self.text_summary_projection.weight)
+            nn.init.zeros_(self.text_summary_projection.bias)
 
     @classmethod
     def build(cls, config: GeneratorModelConfig, pretrained: bool | None = None) -> UnimmGenerator:
@@ -73,16 +90,24 @@ class UnimmGenerator(nn.Module):
         return self.backbone.config.hidden_size
 
     # --------------------------------------------------------------------------------- embeddings
-    def embed_latents(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """latents (S, C, H, W), t (S,) -> backbone inputs (S, n, hidden)."""
+    def embed_latents(self, latents: torch.Tensor, t: torch.Tensor, text_summary: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (S, C, H, W), t (S,), text_summary (S, hidden) or None -> backbone inputs (S, n, hidden)."""
         patch = self.config.latent_patch_size
         tokens = patchify(latents, patch).to(self.latent_projection.weight.dtype)
         grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
         positions = sincos_2d_positions(*grid, self.hidden_size, device=latents.device).to(tokens.dtype)
-        return self.latent_projection(tokens) + positions[None] + self.timestep_embedder(t)[:, None]
+        embedded = self.latent_projection(tokens) + positions[None] + self.timestep_embedder(t)[:, None]
+        if text_summary is not None:
+            embedded = embedded + self.text_summary_projection(text_summary.to(embedded.dtype))[:, None]
+        return embedded
 
     def input_embeddings(
-        self, layout: SequenceLayout, noisy_latents: torch.Tensor | None, t: torch.Tensor | None, clean_latents: torch.Tensor | None
+        self,
+        layout: SequenceLayout,
+        noisy_latents: torch.Tensor | None,
+        t: torch.Tensor | None,
+        clean_latents: torch.Tensor | None,
+        text_summary: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(rows, L, hidden): text embeddings, image embeddings at their slots, zeros at padding (and at the
         noisy slots when `noisy_latents` is None, for encoding a prefix)."""
@@ -90,7 +115,7 @@ class UnimmGenerator(nn.Module):
         text = self.backbone.embed_tokens(layout.input_ids)
         flat = (text * (layout.token_kinds == TEXT)[..., None].to(text.dtype)).flatten(0, 1)
         if noisy_latents is not None:
-            noisy = self.embed_latents(noisy_latents, t).to(flat.dtype)
+            noisy = self.embed_latents(noisy_latents, t, text_summary).to(flat.dtype)
             flat = flat.index_copy(0, layout.noisy_index.flatten(), noisy.flatten(0, 1))
         if len(layout.clean_samples):
             if clean_latents is None or len(clean_latents) != len(layout.clean_samples):
@@ -141,34 +166,74 @@ class UnimmGenerator(nn.Module):
         self, layout: SequenceLayout, noisy_latents: torch.Tensor, t: torch.Tensor, clean_latents: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The whole sequence at once: noisy_latents (S, C, H, W) and t (S,) in sample order -> velocity (S, C, H, W)."""
-        embeddings = self.input_embeddings(layout, noisy_latents, t, clean_latents)
+        summary = self.text_summary(layout, clean_latents) if self.text_summary_projection is not None else None
+        embeddings = self.input_embeddings(layout, noisy_latents, t, clean_latents, summary)
         hidden, _ = self.run_backbone(embeddings, layout.visibility(), layout.position_ids)
         noisy_hidden = hidden.flatten(0, 1)[layout.noisy_index.flatten()].view(*layout.noisy_index.shape, -1)
         return self.predict_velocity(noisy_hidden, noisy_latents, t)
 
-    def encode_prefix(self, layout: SequenceLayout, clean_latents: torch.Tensor | None = None):
-        """Run the text (and clean input image) prefix once; returns its KV cache (None for an empty prefix).
+    def text_summary(self, layout: SequenceLayout, clean_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """(samples, hidden): the backbone's final state at each sample's last text token (zeros without text).
+
+        Text never sees the noisy image, so its states do not depend on it: the aligned layout runs only its prefix
+        columns; a packed layout runs every column with the noisy slots left empty.
+        """
+        if layout.prefix_length == 0:
+            return self._no_text(layout)
+        if layout.prefix_length > 0:
+            columns = slice(0, layout.prefix_length)
+            embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, columns]
+            hidden, _ = self.run_backbone(embeddings, layout.visibility(columns, columns), layout.position_ids[:, columns])
+        else:
+            columns = slice(None)
+            hidden, _ = self.run_backbone(self.input_embeddings(layout, None, None, clean_latents), layout.visibility(), layout.position_ids)
+        return self._last_text_states(layout, columns, hidden)
+
+    def _no_text(self, layout: SequenceLayout) -> torch.Tensor:
+        return torch.zeros(layout.noisy_index.shape[0], self.hidden_size, device=layout.token_kinds.device, dtype=self.latent_projection.weight.dtype)
+
+    def _last_text_states(self, layout: SequenceLayout, columns: slice, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (rows, columns, hidden) over `columns` of the layout -> (samples, hidden) at each sample's last text
+        token, zeros for a sample without text."""
+        samples = layout.noisy_index.shape[0]
+        kinds, sample_ids = layout.token_kinds[:, columns], layout.sample_ids[:, columns]
+        summary = hidden.new_zeros(samples, hidden.shape[-1])
+        is_text = (kinds == TEXT).flatten()
+        flat_positions = torch.arange(is_text.numel(), device=hidden.device)
+        # The last text token of a sample is its text token with the largest flat position (columns count up).
+        last = torch.full((samples,), -1, dtype=torch.long, device=hidden.device)
+        last = last.scatter_reduce(0, sample_ids.flatten()[is_text], flat_positions[is_text], reduce="amax")
+        has_text = last >= 0
+        summary[has_text] = hidden.flatten(0, 1)[last[has_text]]
+        return summary
+
+    def encode_prefix(self, layout: SequenceLayout, clean_latents: torch.Tensor | None = None) -> EncodedPrefix:
+        """Run the text (and clean input image) prefix once: its KV cache (None for an empty prefix) and, for a
+        model with `text_summary`, the summary its noisy tokens take.
 
         Needs the aligned layout (`build_layout(..., rows=None)`): the prefix is the first `prefix_length` columns.
         """
         if layout.prefix_length < 0:
             raise ValueError("the KV-cached path needs an aligned layout (one sample per row)")
         prefix = layout.prefix_length
+        uses_summary = self.text_summary_projection is not None
         if prefix == 0:
-            return None
+            return EncodedPrefix(None, self._no_text(layout) if uses_summary else None)
         from transformers import DynamicCache
 
-        embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, :prefix]
-        attention = layout.visibility(slice(0, prefix), slice(0, prefix))
-        _, cache = self.run_backbone(
-            embeddings, attention, layout.position_ids[:, :prefix], cache=DynamicCache(config=self.backbone.config), use_cache=True
+        columns = slice(0, prefix)
+        embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, columns]
+        attention = layout.visibility(columns, columns)
+        hidden, cache = self.run_backbone(
+            embeddings, attention, layout.position_ids[:, columns], cache=DynamicCache(config=self.backbone.config), use_cache=True
         )
-        return cache
+        return EncodedPrefix(cache, self._last_text_states(layout, columns, hidden) if uses_summary else None)
 
-    def forward_cached(self, layout: SequenceLayout, cache, noisy_latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One denoising step that reuses the prefix cache: only the n noisy tokens go through the backbone."""
+    def forward_cached(self, layout: SequenceLayout, prefix_state: EncodedPrefix, noisy_latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One denoising step that reuses the encoded prefix: only the n noisy tokens go through the backbone."""
         prefix = layout.prefix_length
-        embeddings = self.embed_latents(noisy_latents, t)
+        cache = prefix_state.cache
+        embeddings = self.embed_latents(noisy_latents, t, prefix_state.text_summary)
         if cache is not None:
             surplus = cache.get_seq_length() - prefix
             if surplus > 0:
