@@ -182,12 +182,18 @@ class UnimmGenerator(nn.Module):
             return self._no_text(layout)
         if layout.prefix_length > 0:
             columns = slice(0, layout.prefix_length)
-            embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, columns]
-            hidden, _ = self.run_backbone(embeddings, layout.visibility(columns, columns), layout.position_ids[:, columns])
+            hidden, _ = self._run_prefix(layout, clean_latents)
         else:
             columns = slice(None)
             hidden, _ = self.run_backbone(self.input_embeddings(layout, None, None, clean_latents), layout.visibility(), layout.position_ids)
         return self._last_text_states(layout, columns, hidden)
+
+    def _run_prefix(self, layout: SequenceLayout, clean_latents: torch.Tensor | None, cache=None):
+        """The backbone over the first `prefix_length` columns of an aligned layout: (hidden, the filled cache or None)."""
+        columns = slice(0, layout.prefix_length)
+        embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, columns]
+        return self.run_backbone(embeddings, layout.visibility(columns, columns), layout.position_ids[:, columns],
+                                 cache=cache, use_cache=cache is not None)
 
     def _no_text(self, layout: SequenceLayout) -> torch.Tensor:
         return torch.zeros(layout.noisy_index.shape[0], self.hidden_size, device=layout.token_kinds.device, dtype=self.latent_projection.weight.dtype)
@@ -221,13 +227,8 @@ class UnimmGenerator(nn.Module):
             return EncodedPrefix(None, self._no_text(layout) if uses_summary else None)
         from transformers import DynamicCache
 
-        columns = slice(0, prefix)
-        embeddings = self.input_embeddings(layout, None, None, clean_latents)[:, columns]
-        attention = layout.visibility(columns, columns)
-        hidden, cache = self.run_backbone(
-            embeddings, attention, layout.position_ids[:, columns], cache=DynamicCache(config=self.backbone.config), use_cache=True
-        )
-        return EncodedPrefix(cache, self._last_text_states(layout, columns, hidden) if uses_summary else None)
+        hidden, cache = self._run_prefix(layout, clean_latents, cache=DynamicCache(config=self.backbone.config))
+        return EncodedPrefix(cache, self._last_text_states(layout, slice(0, prefix), hidden) if uses_summary else None)
 
     def forward_cached(self, layout: SequenceLayout, prefix_state: EncodedPrefix, noisy_latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One denoising step that reuses the encoded prefix: only the n noisy tokens go through the backbone."""
