@@ -94,6 +94,38 @@ def test_training_on_a_latent_cache(generator_parts, shapes, tmp_path):
         GeneratorTrainer(config)
 
 
+def test_a_checkpoint_exports_as_the_pipeline_the_run_would_write(generator_parts, shapes, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from unimm.models.generator import UnimmGenerator
+    from unimm.training.state import load_weights
+
+    run = tmp_path / "run"
+    GeneratorTrainer(t2i_config(generator_parts, shapes, run, steps=6, checkpoint_every=3)).train()
+    # The last checkpoint's EMA weights are exactly what the finished run wrote as its pipeline.
+    assert main(["export", "checkpoint", str(run), "-o", str(tmp_path / "ema-6")]) == 0
+    assert "step 6 (ema weights)" in capsys.readouterr().out
+    exported, finished = load_file(tmp_path / "ema-6" / "generator.safetensors"), load_file(run / "pipeline" / "generator.safetensors")
+    assert exported.keys() == finished.keys()
+    for name, tensor in finished.items():
+        assert torch.equal(exported[name], tensor), name
+    # An earlier checkpoint's live weights: the optimised model at step 3, not its average, and not step 6.
+    assert main(["export", "checkpoint", str(run / "checkpoint-3"), "-o", str(tmp_path / "live-3"), "--weights", "live"]) == 0
+    live = UnimmGenerator.from_pretrained(tmp_path / "live-3").state_dict()
+    reference = UnimmGenerator.from_pretrained(tmp_path / "live-3").eval()
+    load_weights(run / "checkpoint-3" / "model.model.safetensors", reference)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(live[name], tensor), name
+    assert any(not torch.equal(live[name], finished[name]) for name in finished)
+    image = tmp_path / "mid-run.png"
+    assert main(["generate", "a photo of a red circle", "--model", str(tmp_path / "live-3"), "-o", str(image), "--steps", "2"]) == 0
+    assert image.is_file()
+    # Not a run: one line, exit code 2, nothing written.
+    assert main(["export", "checkpoint", str(tmp_path / "ema-6"), "-o", str(tmp_path / "nothing")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "no complete checkpoint" in error and "\n" not in error and not (tmp_path / "nothing").exists()
+
+
 def test_editing_starts_from_text_to_image_and_both_pipelines_run_from_the_cli(generator_parts, shapes, tmp_path, capsys):
     tokenizer, text_model, edits = generator_parts
     GeneratorTrainer(t2i_config(generator_parts, shapes, tmp_path / "t2i", steps=2)).train()

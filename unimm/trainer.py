@@ -391,9 +391,10 @@ class GeneratorTrainer:
         if not self.is_main:
             return None
         destination = self.output_dir / PIPELINE_DIR
+        from unimm.export.checkpoint import ema_generator_state
+
         # The EMA shadow is a full fp32 copy on every rank, also under ZeRO-3 where the live weights are sharded.
-        averaged = {**self.ema.shadow, **self.ema.buffers}
-        state = {name: averaged[name] for name in self.unwrapped.state_dict()}  # persistent entries only
+        state = ema_generator_state(self.unwrapped, self.ema.shadow, self.ema.buffers)  # persistent entries only
         self.pipeline().save_pretrained(destination, generator_state=state)
         print(f"saved the EMA pipeline to {destination}", flush=True)
         return destination

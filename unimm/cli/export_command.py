@@ -7,6 +7,9 @@ encoder of a tokenizer as Bagel's understanding ViT (PS-VAE §4.4): ``OUT/vit_mo
 
 ``unimm export shapes-default [--run runs/shapes-default] [-o checkpoints/shapes]``: the trained Shapes
 text-to-image and editing pipelines as the shipped embedded default (``unimm.defaults``).
+
+``unimm export checkpoint RUN_OR_CHECKPOINT -o OUT [--weights ema|live] [--tokenizer DIR]``: a generator training
+checkpoint as a pipeline directory, to sample or evaluate a run before it finishes (``unimm.export.checkpoint``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from unimm.errors import UserError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="export trained parts in other projects' checkpoint layouts (Bagel's ViT)")
+    parser = subparsers.add_parser("export", help="export trained parts: a training checkpoint as a pipeline, the shipped Shapes default, Bagel's ViT")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", title="actions", parser_class=IntermixedArgumentParser)
     actions.required = True
     bagel = actions.add_parser(
@@ -44,6 +47,16 @@ def register(subparsers) -> None:
     bagel.add_argument("--device", default="cpu", help="device for --verify (default cpu)")
     bagel.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bagel.set_defaults(handler=run_export_bagel_vit)
+
+    checkpoint = actions.add_parser(
+        "checkpoint",
+        help="a generator training checkpoint (EMA or live weights) as a pipeline directory, to sample or evaluate a run mid-way",
+    )
+    checkpoint.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a checkpoint-<step> directory, or a run directory (its latest checkpoint)")
+    checkpoint.add_argument("-o", "--output", required=True, metavar="OUT", help="pipeline directory to write")
+    checkpoint.add_argument("--weights", choices=("ema", "live"), default="ema", help="the EMA average (default, what the run's pipeline holds) or the live weights")
+    checkpoint.add_argument("--tokenizer", metavar="DIR", help="the image tokenizer (default: the run's `tokenizer` setting)")
+    checkpoint.set_defaults(handler=run_export_checkpoint)
 
     shapes = actions.add_parser(
         "shapes-default",
@@ -91,6 +104,14 @@ def run_export_bagel_vit(args: argparse.Namespace) -> int:
         print(line)
     if difference is not None:
         print(f"verify: max |exported - encoder| = {difference:.3g} on one {report.position_grid}x{report.position_grid}-patch image")
+    return 0
+
+
+def run_export_checkpoint(args: argparse.Namespace) -> int:
+    from unimm.export.checkpoint import export_checkpoint_pipeline
+
+    report = export_checkpoint_pipeline(args.source, args.output, weights=args.weights, tokenizer=args.tokenizer)
+    print(f"step {report['step']} ({report['weights']} weights) of {report['checkpoint']} -> {report['output']}")
     return 0
 
 

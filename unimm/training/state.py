@@ -150,13 +150,19 @@ def save_ema(path: str | os.PathLike, ema: ExponentialMovingAverage) -> Path:
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def load_ema(path: str | os.PathLike, ema: ExponentialMovingAverage) -> None:
+def read_ema(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """The averaged parameters, the buffers and the metadata of a :func:`save_ema` file."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         shadow, buffers = {}, {}
         for key in handle.keys():
             kind, name = key.split("/", 1)
             (shadow if kind == "shadow" else buffers)[name] = handle.get_tensor(key)
+    return shadow, buffers, metadata
+
+
+def load_ema(path: str | os.PathLike, ema: ExponentialMovingAverage) -> None:
+    shadow, buffers, metadata = read_ema(path)
     ema.load_state_dict(
         {
             "decay": float(metadata["decay"]),
