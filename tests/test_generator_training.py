@@ -165,6 +165,24 @@ def test_editing_starts_from_text_to_image_and_both_pipelines_run_from_the_cli(g
     assert len(scores["shapes_edit_adherence_by_task"]) == 7 and 0.0 <= scores["shapes_edit_adherence"] <= 1.0
 
 
+def test_init_from_a_pipeline_with_another_text_vocabulary_is_refused(generator_parts, shapes, tmp_path):
+    """The generator's embedding rows are indexed by token id: a pipeline saved with another word tokenizer would
+    start the run from scrambled text without any other error."""
+    import shutil
+
+    GeneratorTrainer(t2i_config(generator_parts, shapes, tmp_path / "t2i", steps=1)).train()
+    other = tmp_path / "other-vocabulary"
+    shutil.copytree(tmp_path / "t2i" / "pipeline", other)
+    settings = json.loads((other / "tokenizer.json").read_text())
+    vocabulary = settings["model"]["vocab"]
+    first, second = sorted(vocabulary, key=vocabulary.get)[-2:]  # two words trade ids
+    vocabulary[first], vocabulary[second] = vocabulary[second], vocabulary[first]
+    (other / "tokenizer.json").write_text(json.dumps(settings))
+    GeneratorTrainer(t2i_config(generator_parts, shapes, tmp_path / "same", steps=1, init_from=str(tmp_path / "t2i")))
+    with pytest.raises(UserError, match="another text vocabulary"):
+        GeneratorTrainer(t2i_config(generator_parts, shapes, tmp_path / "refused", steps=1, init_from=str(other)))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -155,9 +155,21 @@ class GeneratorTrainer:
                         f"train.init_from='{source}' does not fit this model's architecture (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}, other shapes {resized[:3]}); use the model.* settings it was trained with"
                     )
+                self._check_same_vocabulary(candidate, source)
                 model.load_state_dict(loaded, strict=False)
                 return
         raise UserError(f"train.init_from='{source}' holds no saved generator ({CONFIG_FILE}); point it at a finished text-to-image run")
+
+    def _check_same_vocabulary(self, directory: Path, source: str) -> None:
+        """A pipeline saved with another text tokenizer would have its embedding rows read under other token ids:
+        the run would start from scrambled text without any error. (A bare generator directory has no tokenizer.)"""
+        if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            return
+        if load_text_tokenizer(str(directory)).get_vocab() != self.text_tokenizer.get_vocab():
+            raise UserError(
+                f"train.init_from='{source}' was trained with another text vocabulary than "
+                f"model.backbone.name_or_path='{self.config.model.backbone.name_or_path}'; use the text model it was trained with"
+            )
 
     def _build_loader(self):
         from data.datasets import build_dataset
@@ -317,8 +329,12 @@ class GeneratorTrainer:
             records.append(record)
             logger.progress(1, loss=f"{record['loss']:.4f}")
             if self.step % train.log_every == 0 or self.step == stop:
-                logger.log_scalars({key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "step"}, self.step)
-                logger.write(json.dumps({**record, "elapsed_s": round(time.time() - started, 1)}))
+                # Seconds since this invocation started: the log then shows each invocation's speed (scripts that
+                # size a cool-down to a time budget read it back).
+                elapsed = {"elapsed_s": round(time.time() - started, 1)}
+                scalars = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "step"}
+                logger.log_scalars({**scalars, **elapsed}, self.step)
+                logger.write(json.dumps({**record, **elapsed}))
             if train.sample_every and (self.step % train.sample_every == 0 or self.step == train.steps):
                 self.log_samples(logger)
             if train.time_limit_minutes and self.step % train.log_every == 0 and self._out_of_time(started):
