@@ -42,24 +42,25 @@ def export_checkpoint_pipeline(source: str | Path, output: str | Path, weights: 
     model = UnimmGenerator.build(config.model, pretrained=False)
     if weights == "live":
         load_weights(checkpoint / "model.model.safetensors", model)
-        state = None
     else:
         shadow, buffers, _ = read_ema(checkpoint / "ema.model.safetensors")
-        state = ema_generator_state(model, shadow, buffers, where=str(checkpoint))
+        try:
+            model.load_state_dict(ema_generator_state(model, shadow, buffers, where=str(checkpoint)))  # strict: shapes too
+        except RuntimeError as error:
+            raise UserError(f"the EMA weights in {checkpoint} do not fit the run's model: {str(error).splitlines()[0]}") from None
     pipeline = UnimmPipeline(model.eval(), load_text_tokenizer(config.model.backbone.name_or_path), image_tokenizer,
                              config.sampling, config.model.backbone.max_text_tokens)
-    pipeline.save_pretrained(output, generator_state=state)
+    pipeline.save_pretrained(output)
     step = int(read_training_state_meta(checkpoint)["step"])
     return {"checkpoint": str(checkpoint), "step": step, "weights": weights, "output": str(output)}
 
 
 def ema_generator_state(model, shadow: dict, buffers: dict, where: str = "the EMA") -> dict:
-    """The generator's persistent state with every parameter taken from the EMA average (the layout
-    ``UnimmPipeline.save_pretrained`` writes); raises UserError when the average does not fit the model."""
+    """The generator's persistent state (its ``state_dict`` names) with every parameter taken from the EMA average;
+    raises UserError when the average lacks one. Names only: under ZeRO-3 the live model's tensors are empty
+    partitions, so their shapes say nothing (the full-size tensors are the EMA's)."""
     averaged = {**shadow, **buffers}
-    own = model.state_dict()
-    missing = [name for name in own if name not in averaged]
-    resized = [name for name in own if name in averaged and averaged[name].shape != own[name].shape]
-    if missing or resized:
-        raise UserError(f"the EMA weights in {where} do not fit the run's model (missing {missing[:3]}, other shapes {resized[:3]})")
-    return {name: averaged[name] for name in own}
+    missing = [name for name in model.state_dict() if name not in averaged]
+    if missing:
+        raise UserError(f"the EMA weights in {where} do not fit the run's model (missing {missing[:3]})")
+    return {name: averaged[name] for name in model.state_dict()}
