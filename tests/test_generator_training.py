@@ -95,6 +95,8 @@ def test_training_on_a_latent_cache(generator_parts, shapes, tmp_path):
 
 
 def test_a_checkpoint_exports_as_the_pipeline_the_run_would_write(generator_parts, shapes, tmp_path, capsys):
+    import shutil
+
     from safetensors.torch import load_file
 
     from unimm.models.generator import UnimmGenerator
@@ -124,6 +126,12 @@ def test_a_checkpoint_exports_as_the_pipeline_the_run_would_write(generator_part
     assert main(["export", "checkpoint", str(tmp_path / "ema-6"), "-o", str(tmp_path / "nothing")]) == 2
     error = capsys.readouterr().err.strip()
     assert "no complete checkpoint" in error and "\n" not in error and not (tmp_path / "nothing").exists()
+    other = tmp_path / "tokenizer-run"  # a checkpoint of another trainer: its config is not a generator's
+    shutil.copytree(run / "checkpoint-3", other / "checkpoint-3")
+    (other / "config.yaml").write_text("output_dir: x\nmodel:\n  family: psvae\n")
+    assert main(["export", "checkpoint", str(other), "-o", str(tmp_path / "nothing")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "is not a `unimm train` (generator) run" in error and "\n" not in error and not (tmp_path / "nothing").exists()
 
 
 def test_editing_starts_from_text_to_image_and_both_pipelines_run_from_the_cli(generator_parts, shapes, tmp_path, capsys):

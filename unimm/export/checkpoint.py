@@ -34,7 +34,10 @@ def export_checkpoint_pipeline(source: str | Path, output: str | Path, weights: 
     run_dir = checkpoint.parent
     if not (run_dir / RESOLVED_CONFIG_NAME).is_file():
         raise UserError(f"{run_dir} has no {RESOLVED_CONFIG_NAME}; point at a checkpoint of a `unimm train` run directory")
-    config = load_resolved_config(GeneratorTrainingConfig, run_dir)
+    try:
+        config = load_resolved_config(GeneratorTrainingConfig, run_dir)
+    except UserError as error:
+        raise UserError(f"{run_dir} is not a `unimm train` (generator) run: {error}") from None
     image_tokenizer = load_frozen_tokenizer(tokenizer or config.tokenizer)
     if config.model.latent_channels == 0:
         config.model.latent_channels = image_tokenizer.latent_shape[0]
