@@ -13,9 +13,10 @@
 # NUM_TRAIN/NUM_EDIT shrink the dataset, TRAIN_OVERRIDES are appended to both trainings, EVAL_ARGS to the evals)
 # More knobs: RUN_DIR (default runs/shapes-default) holds every stage's output; DATA_OVERRIDES go to `unimm shapes
 # dataset` (e.g. "spec_fraction=0.9 spec_tag_weights=[1,1,1,2,4,4]" for more relation and colour-binding captions);
-# T2I_OVERRIDES / EDIT_OVERRIDES to one training each; SKIP_EDIT=1 stops after the text-to-image model and its suite. COOLDOWN_MINUTES=M: a time-limited training (train.time_limit_minutes)
-# is resumed once more with its learning rate falling linearly to 0 over the steps it makes in M minutes at the speed
-# its log shows (train.lr_schedule=wsd), so a time-boxed GPU run still ends cooled down.
+# T2I_OVERRIDES / EDIT_OVERRIDES to one training each; SKIP_EDIT=1 stops after the text-to-image model and its suite.
+# COOLDOWN_MINUTES=M: a time-limited training (train.time_limit_minutes) is resumed once more with its learning rate
+# falling linearly to 0 over the steps it makes in M minutes at the speed its log shows (train.lr_schedule=wsd), so a
+# time-boxed GPU run still ends cooled down.
 # CONTINUE=1 trains the shipped models further instead of from scratch: the tokenizer is checkpoints/shapes/tokenizer
 # (no scripts/mini_tokenizers.sh needed), the T2I and edit runs start from checkpoints/shapes/{t2i,edit}
 # (train.init_from), and nothing is exported: compare the new shapes.json with checkpoints/shapes/scores.json and export
@@ -101,7 +102,7 @@ PLAN
   unimm train --config "$config" "$@" && touch "$dir/cooled-down"
 }
 
-cache() {  # cache OUT ARGS...cache() {  # cache OUT ARGS...: write a latent cache unless a complete one is there
+cache() {  # cache OUT ARGS...: write a latent cache unless a complete one is there
   local out="$1"; shift
   grep -qs '"complete": true' "$out/manifest.json" || unimm cache-latents --tokenizer runs/mini-psvae/tokenizer \
     -o "$out" --batch-size 512 --workers "$(( workers < 8 ? workers : 8 ))" "$@"

@@ -63,7 +63,8 @@ def ema_generator_state(model, shadow: dict, buffers: dict, where: str = "the EM
     raises UserError when the average lacks one. Names only: under ZeRO-3 the live model's tensors are empty
     partitions, so their shapes say nothing (the full-size tensors are the EMA's)."""
     averaged = {**shadow, **buffers}
-    missing = [name for name in model.state_dict() if name not in averaged]
+    names = list(model.state_dict())
+    missing = [name for name in names if name not in averaged]
     if missing:
         raise UserError(f"the EMA weights in {where} do not fit the run's model (missing {missing[:3]})")
-    return {name: averaged[name] for name in model.state_dict()}
+    return {name: averaged[name] for name in names}
