@@ -92,7 +92,10 @@ first = len(records) - 1
 while first > 0 and records[first - 1]["elapsed_s"] < records[first]["elapsed_s"]:
     first -= 1
 a, b = records[first], records[-1]
-steps_per_second = (b["step"] - a["step"]) / (b["elapsed_s"] - a["elapsed_s"]) if b is not a else b["step"] / b["elapsed_s"]
+if b is not a:
+    steps_per_second = (b["step"] - a["step"]) / (b["elapsed_s"] - a["elapsed_s"])
+else:  # one record: that invocation began where the one before it logged last (it saves a checkpoint there), or at 0
+    steps_per_second = (b["step"] - (records[first - 1]["step"] if first > 0 else 0)) / b["elapsed_s"]
 cooldown = max(int(steps_per_second * minutes * 60), 1)
 print(step + cooldown, cooldown)
 PLAN

@@ -167,18 +167,40 @@ def test_pixel_encoder_presets_train_the_encoder_through_the_pixel_loss(preset, 
         assert any(gradient is not None and torch.count_nonzero(gradient) > 0 for gradient in gradients), stage.name
 
 
-@pytest.mark.parametrize("preset,semantic_weight", [("mini-vae", None), ("mini-psvae", 0.0)])
-def test_a_detached_pixel_path_without_semantic_losses_is_refused(preset, semantic_weight, encoders, shapes, tmp_path):
+@pytest.mark.parametrize("preset,loss_override", [
+    ("mini-vae", {}),                                      # a pixel encoder: only the KL term besides the pixel loss
+    ("mini-psvae", {"semantic_weight": 0.0}),              # PS-VAE with its semantic losses off
+    ("sae-dinov3-hplus-k0", {}),                           # S-AE's teacher term stops at the encoder's tokens
+    ("gae-d32", {"semantic_preservation_weight": 0.0}),
+    ("reals", {"alignment_weight": 0.0}),
+])
+def test_a_detached_pixel_path_without_semantic_losses_is_refused(preset, loss_override, encoders, shapes, tmp_path):
     import dataclasses
 
     from unimm.errors import UserError
 
     config = tiny_config(preset, encoders, shapes, tmp_path,
                          stage1=StageConfig(steps=1, learning_rate=1e-4, detach_pixel_latent=True))
-    if semantic_weight is not None:
-        config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, semantic_weight=semantic_weight))
+    config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, **loss_override))
     with pytest.raises(UserError, match="train.stage1.detach_pixel_latent=false"):
         TokenizerTrainer(config, resume=False)
+
+
+@pytest.mark.parametrize("preset", ["mini-psvae", "gae-d32", "reals"])
+def test_a_detached_pixel_path_with_a_semantic_loss_on_the_latent_is_accepted(preset, encoders, shapes, tmp_path):
+    """GAE's and ReaLS's semantic terms act on the posterior mean: with the pixel path detached, their pixel encoder
+    still learns from them."""
+    config = tiny_config(preset, encoders, shapes, tmp_path,
+                         stage1=StageConfig(steps=1, learning_rate=1e-4, detach_pixel_latent=True))
+    trainer = TokenizerTrainer(config, resume=False)
+    images = next(iter(trainer.loader))["image"]
+    stage = next(stage for stage in trainer.plan if stage.name == "stage1")
+    loss, terms, _ = trainer.compute_losses(images, stage, 0)
+    semantic = {"mini-psvae": "semantic", "gae-d32": "semantic_preservation", "reals": "alignment"}[preset]
+    assert semantic in terms
+    encoder = trainer.unwrapped.semantic_encoder if preset == "mini-psvae" else trainer.unwrapped.pixel_encoder
+    gradients = torch.autograd.grad(loss, [p for p in encoder.parameters() if p.requires_grad], allow_unused=True)
+    assert any(gradient is not None and torch.count_nonzero(gradient) > 0 for gradient in gradients)
 
 
 def _pixel_term(trainer, images, stage):

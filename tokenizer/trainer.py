@@ -21,7 +21,6 @@ cosine), so an exact resume needs no scheduler state.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,6 @@ from tokenizer.losses import (
     teacher_feature_loss,
 )
 from tokenizer.model import ENCODER_CONFIG_DIR, SemanticAutoencoder
-from unimm.config import save_resolved_config
 from unimm.errors import UserError
 from unimm.training.logging import save_image_grid
 
@@ -83,17 +81,22 @@ def stage_plan(config: TokenizerTrainingConfig) -> list[StagePlan]:
     if not plan:
         raise UserError("the schedule has no steps; set train.stage1.steps, train.stage2.steps and/or train.decoder.steps")
     model = config.model
-    # PS-VAE's stage 1 detaches the pixel path because its latent learns from the semantic losses (`compute_losses`
-    # adds them, the linear read-out included, only with a semantic decoder); without them (a pixel encoder, or
-    # PS-VAE with the semantic losses off) the latent would learn from the KL term alone and collapse to the prior.
-    no_semantic_signal = model.encoder.role == "none" or (
-        model.family == "psvae" and (config.loss.semantic_weight <= 0 or not model.semantic.decoder)
-    )
+    # PS-VAE's stage 1 detaches the pixel path because its latent learns from the semantic losses. Only some losses
+    # reach the latent (`compute_losses`): PS-VAE's L_s through its semantic decoder, GAE's semantic preservation
+    # and ReaLS's alignment, both on the posterior mean. S-AE's teacher term acts on the encoder's tokens, upstream
+    # of the latent projection, and a VAE's pixel encoder has no other loss: detached, such a latent would learn
+    # from the KL term alone (and collapse to the prior) or from nothing.
+    # All three need the representation encoder (as the backbone for PS-VAE, as the teacher for GAE and ReaLS).
+    latent_has_semantic_loss = {
+        "psvae": config.loss.semantic_weight > 0 and model.semantic.decoder and model.encoder.role == "backbone",
+        "gae": config.loss.semantic_preservation_weight > 0 and model.encoder.role != "none",
+        "reals": config.loss.alignment_weight > 0 and model.encoder.role != "none",
+    }.get(model.family, False)
     for stage in plan:  # a bad schedule (e.g. cooldown_steps longer than a stage) fails now, not when the stage starts
-        if stage.config.detach_pixel_latent and stage.name != "decoder" and no_semantic_signal:
+        if stage.config.detach_pixel_latent and stage.name != "decoder" and not latent_has_semantic_loss:
             raise UserError(
-                f"train.{stage.name}.detach_pixel_latent is on, but this model's latent has no semantic loss and would "
-                f"learn from the KL term alone; set train.{stage.name}.detach_pixel_latent=false"
+                f"train.{stage.name}.detach_pixel_latent is on, but no semantic loss reaches this {model.family} model's "
+                f"latent, which would learn from the KL term alone; set train.{stage.name}.detach_pixel_latent=false"
             )
         try:
             scheduled_lr(0, 1.0, train.lr_schedule, train.warmup_steps, stage.steps, train.min_lr_ratio, train.cooldown_steps)
@@ -403,13 +406,10 @@ class TokenizerTrainer:
     # ---------------------------------------------------------------------------------- the loop
     def train(self, max_steps: int | None = None) -> list[dict]:
         """Run to the end of the schedule (or `max_steps` more steps); returns the logged records."""
-        from unimm.training.distributed import clip_gradients
-        from unimm.training.logging import TrainingLogger
+        from unimm.training.loop import log_record, open_run, optimizer_update, set_learning_rate
 
         train = self.config.train
-        if self.is_main:
-            save_resolved_config(self.config, self.output_dir)
-        logger = TrainingLogger(self.output_dir / "logs", enabled=self.is_main, total_steps=self.total_steps, initial_step=self.step)
+        logger = open_run(self.config, self.output_dir, self.is_main, self.total_steps, self.step)
         stop = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         records = []
         iterator = iter(self.loader)
@@ -424,13 +424,9 @@ class TokenizerTrainer:
                 batch = next(iterator)
             images = batch["image"].to(self.device)
             learning_rate = learning_rate_at(self.config, self.plan, self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate
+            set_learning_rate(self.optimizer, learning_rate)
             loss, terms, reconstruction = self.compute_losses(images, stage, self.step)
-            self.accelerator.backward(loss)
-            grad_norm = clip_gradients(self.accelerator, self.model, train.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_update(self.accelerator, self.model, self.optimizer, loss, train.grad_clip)
             if reconstruction is not None:
                 terms["discriminator"] = self.discriminator_step(images, reconstruction, self.step)
             self.ema.update(self.unwrapped)
@@ -440,8 +436,7 @@ class TokenizerTrainer:
             records.append(record)
             logger.progress(1, loss=f"{record['loss']:.4f}", stage=stage.name)
             if self.step % train.log_every == 0 or self.step == stop:
-                logger.log_scalars({key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "step"}, self.step)
-                logger.write(json.dumps({**record, "elapsed_s": round(time.time() - started, 1)}))
+                log_record(logger, record, started)
             if train.image_every and (self.step % train.image_every == 0 or self.step == self.total_steps):
                 self.log_reconstructions(logger)
             if self.step % train.checkpoint_every == 0 or self.step == stop:

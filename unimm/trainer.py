@@ -8,14 +8,12 @@ exactly the trajectory of an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from data.config import DataConfig
-from unimm.config import save_resolved_config
 from unimm.errors import UserError
 from unimm.flow import flow_matching_loss, interpolate, training_shift, training_timesteps, velocity_target
 from unimm.models.backbone import encode_text, load_text_tokenizer
@@ -301,13 +299,10 @@ class GeneratorTrainer:
 
     # ---------------------------------------------------------------------------------- the loop
     def train(self, max_steps: int | None = None) -> list[dict]:
-        from unimm.training.distributed import clip_gradients
-        from unimm.training.logging import TrainingLogger
+        from unimm.training.loop import log_record, open_run, optimizer_update, set_learning_rate
 
         train = self.config.train
-        if self.is_main:
-            save_resolved_config(self.config, self.output_dir)
-        logger = TrainingLogger(self.output_dir / "logs", enabled=self.is_main, total_steps=train.steps, initial_step=self.step)
+        logger = open_run(self.config, self.output_dir, self.is_main, train.steps, self.step)
         stop = train.steps if max_steps is None else min(train.steps, self.step + max_steps)
         records = []
         iterator = iter(self.loader)
@@ -316,25 +311,16 @@ class GeneratorTrainer:
         while self.step < stop:
             batch = next(iterator)
             learning_rate = learning_rate_at(self.config, self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate
+            set_learning_rate(self.optimizer, learning_rate)
             loss, terms = self.compute_loss(batch, self.step)
-            self.accelerator.backward(loss)
-            grad_norm = clip_gradients(self.accelerator, self.model, train.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_update(self.accelerator, self.model, self.optimizer, loss, train.grad_clip)
             self.ema.update(self.unwrapped)
             self.step += 1
             record = {"step": self.step, "loss": loss.item(), "lr": learning_rate, "grad_norm": grad_norm, **terms}
             records.append(record)
             logger.progress(1, loss=f"{record['loss']:.4f}")
             if self.step % train.log_every == 0 or self.step == stop:
-                # Seconds since this invocation started: the log then shows each invocation's speed (scripts that
-                # size a cool-down to a time budget read it back).
-                elapsed = {"elapsed_s": round(time.time() - started, 1)}
-                scalars = {key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "step"}
-                logger.log_scalars({**scalars, **elapsed}, self.step)
-                logger.write(json.dumps({**record, **elapsed}))
+                log_record(logger, record, started)
             if train.sample_every and (self.step % train.sample_every == 0 or self.step == train.steps):
                 self.log_samples(logger)
             if train.time_limit_minutes and self.step % train.log_every == 0 and self._out_of_time(started):

@@ -47,3 +47,8 @@ class GeneratorModelConfig:
     # caption, and this hands that reading to every image token from the first layer on. Costs one extra
     # backbone pass over the prefix in training (none in KV-cached sampling, which runs the prefix anyway).
     text_summary: bool = False
+    # Experimental: in the first `text_blind_layers` backbone layers the noisy image tokens do not see the text
+    # (they still see each other and the clean input image). In a backbone trained from scratch, the first
+    # layer's text keys are bare word embeddings, and reading the caption there gives the image tokens a bag of
+    # words; hiding it there makes them read contextualised text states from the later layers.
+    text_blind_layers: int = 0

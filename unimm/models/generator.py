@@ -23,7 +23,7 @@ from unimm.models.backbone import build_backbone, resolve_attention
 from unimm.models.config import GeneratorModelConfig
 from unimm.models.ddt_head import DDTHead
 from unimm.models.embeddings import TimestepEmbedder, patchify, sincos_2d_positions, unpatchify
-from unimm.models.sequence import TEXT, SequenceLayout
+from unimm.models.sequence import NOISY_IMAGE, TEXT, SequenceLayout
 from unimm.models.varlen_attention import IMPLEMENTATION_NAME as VARLEN_ATTENTION
 from unimm.models.varlen_attention import BlockCausalAttention
 
@@ -63,6 +63,11 @@ class UnimmGenerator(nn.Module):
         super().__init__()
         if config.latent_channels < 1:
             raise ValueError("latent_channels must be set (read it from the tokenizer) before building the generator")
+        layers = backbone.config.num_hidden_layers
+        if not 0 <= config.text_blind_layers <= layers:
+            raise ValueError(f"text_blind_layers must be between 0 and the backbone's {layers} layers, got {config.text_blind_layers}")
+        if config.text_blind_layers and backbone.config._attn_implementation == VARLEN_ATTENTION:
+            raise ValueError("text_blind_layers needs attention sdpa, eager or flex_attention: the varlen plan has one mask for every layer")
         self.config = config
         self.backbone = backbone  # transformers Qwen2Model
         hidden_size = backbone.config.hidden_size
@@ -125,12 +130,15 @@ class UnimmGenerator(nn.Module):
             flat = flat.index_copy(0, layout.clean_index.flatten(), clean.flatten(0, 1))
         return flat.view(rows, length, -1)
 
-    def _mask(self, attention: BlockCausalAttention, dtype: torch.dtype):
-        """The visibility rule in the form the backbone's attention implementation takes."""
+    def _mask(self, attention: BlockCausalAttention, dtype: torch.dtype, hidden: torch.Tensor | None = None):
+        """The visibility rule in the form the backbone's attention implementation takes (`hidden`: (rows, 1, Lq, Lk)
+        pairs to hide on top of it)."""
         implementation = self.backbone.config._attn_implementation
         if implementation == VARLEN_ATTENTION:  # a dict skips transformers' mask building; every layer gets the plan
+            if hidden is not None:
+                raise ValueError("text_blind_layers needs attention sdpa, eager or flex_attention, not the varlen plan")
             return {"full_attention": attention}
-        mask = attention.dense
+        mask = attention.dense if hidden is None else attention.dense & ~hidden
         if implementation == "eager":  # additive float mask
             return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         if implementation == "flex_attention":
@@ -142,15 +150,32 @@ class UnimmGenerator(nn.Module):
             )
         return mask
 
-    def run_backbone(self, embeddings, attention: BlockCausalAttention, position_ids, cache=None, use_cache: bool = False):
-        """Backbone forward; returns (last hidden state, the KV cache or None)."""
-        output = self.backbone(
-            inputs_embeds=embeddings,
-            attention_mask=self._mask(attention, embeddings.dtype),
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **{_CACHE_KEYWORD: cache},
-        )
+    def run_backbone(self, embeddings, attention: BlockCausalAttention, position_ids, cache=None, use_cache: bool = False,
+                     query_kinds: torch.Tensor | None = None, key_kinds: torch.Tensor | None = None):
+        """Backbone forward; returns (last hidden state, the KV cache or None). The token kinds of the queries and
+        keys, (rows, Lq) and (rows, Lk), are needed only by a model with `text_blind_layers`."""
+        blind_layers = self.config.text_blind_layers
+        hooks = []
+        if blind_layers and query_kinds is not None and bool((query_kinds == NOISY_IMAGE).any()):
+            # noisy image queries x text keys, hidden in the first layers (their own mask, swapped in per layer)
+            hidden = (query_kinds == NOISY_IMAGE)[:, None, :, None] & (key_kinds == TEXT)[:, None, None, :]
+            blind = self._mask(attention, embeddings.dtype, hidden)
+
+            def swap_mask(module, args, kwargs):
+                return args, {**kwargs, "attention_mask": blind}
+
+            hooks = [layer.register_forward_pre_hook(swap_mask, with_kwargs=True) for layer in self.backbone.layers[:blind_layers]]
+        try:
+            output = self.backbone(
+                inputs_embeds=embeddings,
+                attention_mask=self._mask(attention, embeddings.dtype),
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{_CACHE_KEYWORD: cache},
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
         return output.last_hidden_state, output.get(_CACHE_KEYWORD)
 
     def predict_velocity(self, hidden: torch.Tensor, noisy_latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -168,7 +193,8 @@ class UnimmGenerator(nn.Module):
         """The whole sequence at once: noisy_latents (S, C, H, W) and t (S,) in sample order -> velocity (S, C, H, W)."""
         summary = self.text_summary(layout, clean_latents) if self.text_summary_projection is not None else None
         embeddings = self.input_embeddings(layout, noisy_latents, t, clean_latents, summary)
-        hidden, _ = self.run_backbone(embeddings, layout.visibility(), layout.position_ids)
+        hidden, _ = self.run_backbone(embeddings, layout.visibility(), layout.position_ids,
+                                      query_kinds=layout.token_kinds, key_kinds=layout.token_kinds)
         noisy_hidden = hidden.flatten(0, 1)[layout.noisy_index.flatten()].view(*layout.noisy_index.shape, -1)
         return self.predict_velocity(noisy_hidden, noisy_latents, t)
 
@@ -239,10 +265,11 @@ class UnimmGenerator(nn.Module):
             surplus = cache.get_seq_length() - prefix
             if surplus > 0:
                 cache.crop(-surplus)  # drop the previous step's noisy keys/values
-            attention = layout.visibility(slice(prefix, None))
+            attention, keys = layout.visibility(slice(prefix, None)), slice(None)
         else:
-            attention = layout.visibility(slice(prefix, None), slice(prefix, None))
-        hidden, _ = self.run_backbone(embeddings, attention, layout.position_ids[:, prefix:], cache=cache, use_cache=cache is not None)
+            attention, keys = layout.visibility(slice(prefix, None), slice(prefix, None)), slice(prefix, None)
+        hidden, _ = self.run_backbone(embeddings, attention, layout.position_ids[:, prefix:], cache=cache, use_cache=cache is not None,
+                                      query_kinds=layout.token_kinds[:, prefix:], key_kinds=layout.token_kinds[:, keys])
         return self.predict_velocity(hidden, noisy_latents, t)
 
     # ------------------------------------------------------------------------------ persistence
