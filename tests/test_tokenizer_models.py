@@ -186,6 +186,19 @@ def test_a_detached_pixel_path_without_semantic_losses_is_refused(preset, loss_o
         TokenizerTrainer(config, resume=False)
 
 
+def test_a_detached_pixel_path_before_a_frozen_latent_is_accepted(encoders, shapes, tmp_path):
+    """RAE's latent is the frozen encoder's features: nothing before it learns, so detaching changes nothing."""
+    from unimm.errors import UserError
+
+    config = tiny_config("mini-rae", encoders, shapes, tmp_path,
+                         stage1=StageConfig(steps=1, learning_rate=1e-4, detach_pixel_latent=True))
+    TokenizerTrainer(config, resume=False)
+    config = tiny_config("mini-rae", encoders, shapes, tmp_path,
+                         stage1=StageConfig(steps=1, learning_rate=1e-4, detach_pixel_latent=True, train_encoder=True))
+    with pytest.raises(UserError, match="train.stage1.detach_pixel_latent=false"):
+        TokenizerTrainer(config, resume=False)  # unfrozen, the encoder would learn from nothing
+
+
 @pytest.mark.parametrize("preset", ["mini-psvae", "gae-d32", "reals"])
 def test_a_detached_pixel_path_with_a_semantic_loss_on_the_latent_is_accepted(preset, encoders, shapes, tmp_path):
     """GAE's and ReaLS's semantic terms act on the posterior mean: with the pixel path detached, their pixel encoder
