@@ -156,7 +156,7 @@ class UnimmGenerator(nn.Module):
         keys, (rows, Lq) and (rows, Lk), are needed only by a model with `text_blind_layers`."""
         blind_layers = self.config.text_blind_layers
         hooks = []
-        if blind_layers and query_kinds is not None and bool((query_kinds == NOISY_IMAGE).any()):
+        if blind_layers and query_kinds is not None:  # without noisy queries the extra mask hides nothing
             # noisy image queries x text keys, hidden in the first layers (their own mask, swapped in per layer)
             hidden = (query_kinds == NOISY_IMAGE)[:, None, :, None] & (key_kinds == TEXT)[:, None, None, :]
             blind = self._mask(attention, embeddings.dtype, hidden)

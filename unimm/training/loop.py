@@ -10,14 +10,13 @@ from pathlib import Path
 
 import torch
 
+from unimm.config import save_resolved_config
 from unimm.training.distributed import clip_gradients
 from unimm.training.logging import TrainingLogger
 
 
 def open_run(config, output_dir: str | Path, is_main: bool, total_steps: int, initial_step: int) -> TrainingLogger:
     """Save the resolved config in the run directory (main process) and return the run's logger."""
-    from unimm.config import save_resolved_config
-
     if is_main:
         save_resolved_config(config, output_dir)
     return TrainingLogger(Path(output_dir) / "logs", enabled=is_main, total_steps=total_steps, initial_step=initial_step)
