@@ -12,6 +12,11 @@ A model that reads the binding fits the true scene better under the prompt than 
 L(negative) - L(prompt) is positive and "prefers prompt" is well above one half. A bag-of-words model has a margin
 near 0 and prefers the prompt half the time, while the caption itself (L(empty) - L(prompt)) still helps a lot.
 No sampling and no judge: it isolates the text conditioning from everything that happens after it.
+
+The margin says whether the binding helps; the response says how much the model listens to it: the mean squared
+change of the predicted velocity when the prompt is swapped for its negative, as a share of the change when the
+caption is dropped. A bag-of-words model's share is near 0 (the swap keeps every word); one that reads the binding
+moves its prediction for a swapped binding by a visible part of what the whole caption moves it.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ def evaluate_binding(pipeline, prompts: list[dict], samples_per_prompt: int = 1,
     specs_by_prompt = {spec["prompt"]: spec for spec in prompts}
     margins = {tag: {t: [] for t in timesteps} for tag in BINDING_TAGS}
     gains = {tag: {t: [] for t in timesteps} for tag in BINDING_TAGS}
+    # Per item: mean squared prediction change, prompt -> negative and prompt -> empty caption.
+    binding_moves = {tag: {t: [] for t in timesteps} for tag in BINDING_TAGS}
+    caption_moves = {tag: {t: [] for t in timesteps} for tag in BINDING_TAGS}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         pixels = [render_scene_array(scene_for_spec(specs_by_prompt[prompt], np.random.default_rng(scene_seed)), size)
@@ -75,10 +83,14 @@ def evaluate_binding(pipeline, prompts: list[dict], samples_per_prompt: int = 1,
         for t_value in timesteps:
             t = torch.full((len(chunk),), float(t_value), device=device)
             noisy = interpolate(clean, noise, t)
-            true, negative, empty = (per_sample_flow_loss(generator(layout, noisy, t).float(), target) for layout in layouts)
+            predictions = [generator(layout, noisy, t).float() for layout in layouts]
+            true, negative, empty = (per_sample_flow_loss(prediction, target) for prediction in predictions)
+            binding_move, caption_move = ((other - predictions[0]).square().flatten(1).mean(1) for other in predictions[1:])
             for index, (tag, *_rest) in enumerate(chunk):
                 margins[tag][t_value].append(float(negative[index] - true[index]))
                 gains[tag][t_value].append(float(empty[index] - true[index]))
+                binding_moves[tag][t_value].append(float(binding_move[index]))
+                caption_moves[tag][t_value].append(float(caption_move[index]))
     result = {}
     for tag in BINDING_TAGS:
         if not margins[tag][timesteps[0]]:
@@ -88,9 +100,22 @@ def evaluate_binding(pipeline, prompts: list[dict], samples_per_prompt: int = 1,
                 "margin": float(np.mean(margins[tag][t])),
                 "prefers_prompt": float(np.mean(np.array(margins[tag][t]) > 0)),
                 "caption_gain": float(np.mean(gains[tag][t])),
+                "binding_response": _share(binding_moves[tag][t], caption_moves[tag][t]),
             }
             for t in timesteps
         }
         every = np.concatenate([np.array(margins[tag][t]) for t in timesteps])
-        result[tag] = {"prefers_prompt": float(np.mean(every > 0)), "scenes": len(margins[tag][timesteps[0]]), "by_t": by_t}
+        result[tag] = {
+            "prefers_prompt": float(np.mean(every > 0)),
+            "binding_response": _share([move for t in timesteps for move in binding_moves[tag][t]],
+                                       [move for t in timesteps for move in caption_moves[tag][t]]),
+            "scenes": len(margins[tag][timesteps[0]]),
+            "by_t": by_t,
+        }
     return result
+
+
+def _share(part: list[float], whole: list[float]) -> float:
+    """sum(part) / sum(whole), 0 where the caption moves nothing (a caption-blind model)."""
+    total = float(np.sum(whole))
+    return float(np.sum(part)) / total if total > 0 else 0.0

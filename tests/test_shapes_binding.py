@@ -32,7 +32,27 @@ def test_a_text_blind_model_has_no_margin_and_never_prefers_the_prompt(tiny_pipe
     for outcome in result.values():
         assert outcome["prefers_prompt"] == 0.0 and outcome["scenes"] > 0
         for values in outcome["by_t"].values():
-            assert values["margin"] == 0.0 and values["caption_gain"] == 0.0
+            assert values["margin"] == 0.0 and values["caption_gain"] == 0.0 and values["binding_response"] == 0.0
+
+
+def test_the_response_is_zero_when_the_negative_is_the_prompt_and_counts_every_swap_otherwise(tiny_pipeline, monkeypatch):
+    """The response compares the prediction under the negative with the prompt's, as a share of the caption's effect."""
+    import eval.shapes_binding as probe
+
+    pipeline = UnimmPipeline.from_pretrained(tiny_pipeline, device="cpu")
+    prompts = load_prompts(None, ["color_attr"])[::30]
+    kwargs = dict(samples_per_prompt=1, timesteps=(0.9,), batch_size=8)
+    swapped = evaluate_binding(pipeline, prompts, **kwargs)["color_attr"]
+    assert 0.0 < swapped["binding_response"] == swapped["by_t"]["0.9"]["binding_response"]
+
+    class SelfNegatives:
+        def candidates(self, caption):
+            return [caption]
+
+    monkeypatch.setattr(probe, "shapes_caption_negatives", SelfNegatives)
+    same = evaluate_binding(pipeline, prompts, **kwargs)["color_attr"]
+    assert same["binding_response"] == 0.0 and same["by_t"]["0.9"]["margin"] == 0.0
+    assert same["by_t"]["0.9"]["caption_gain"] == pytest.approx(swapped["by_t"]["0.9"]["caption_gain"])
 
 
 def test_the_probe_runs_from_the_cli_and_writes_its_numbers(tiny_pipeline, tmp_path, capsys):

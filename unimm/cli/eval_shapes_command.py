@@ -100,8 +100,10 @@ def run_shapes(args: argparse.Namespace) -> int:
         scores["shapes_binding"] = result
         for tag, outcome in result.items():
             rows.append((f"binding: prefers the prompt over its negative ({outcome['scenes']} scenes)", tag, outcome["prefers_prompt"]))
-            rows += [(f"binding at t={t}: margin L(negative) - L(prompt); caption gain L(empty) - L(prompt)", tag,
-                      f"{values['margin']:+.5f}; {values['caption_gain']:+.5f}") for t, values in outcome["by_t"].items()]
+            rows.append(("binding response: prediction change, negative / empty caption", tag, outcome["binding_response"]))
+            rows += [(f"binding at t={t}: margin L(negative) - L(prompt); caption gain L(empty) - L(prompt); response", tag,
+                      f"{values['margin']:+.5f}; {values['caption_gain']:+.5f}; {values['binding_response']:.4f}")
+                     for t, values in outcome["by_t"].items()]
     if ceilings:
         from unimm.cli.eval_command import _load_tokenizer  # here: eval_command imports this module
 
