@@ -30,7 +30,9 @@ main() {
   workers="$(nproc)"
   if [ -n "${CONTINUE:-}" ]; then
     [ -f runs/mini-psvae/tokenizer/config.json ] || { mkdir -p runs/mini-psvae && cp -r checkpoints/shapes/tokenizer runs/mini-psvae/tokenizer; }
-    t2i_start=(train.init_from=checkpoints/shapes/t2i)
+    # The shipped T2I model's text-blind setting changes no parameter, so only its config says it: keep it.
+    t2i_start=(train.init_from=checkpoints/shapes/t2i "model.text_blind_layers=$(python -c \
+      'import json; print(json.load(open("checkpoints/shapes/t2i/generator_config.json"))["model"].get("text_blind_layers", 0))')")
     edit_start=(train.init_from=checkpoints/shapes/edit)
   else
     edit_start=(train.init_from="$run/t2i/pipeline")

@@ -91,3 +91,23 @@ def test_save_and_load_keep_the_option(model, tmp_path):
     layout = build_layout(specs, GRID)
     with torch.no_grad():
         torch.testing.assert_close(loaded(layout, noisy, t, clean), blinded(layout, noisy, t, clean), atol=0, rtol=0)
+
+
+def test_a_run_started_from_weights_with_another_setting_says_so(generator_parts, shapes, tmp_path, capsys):
+    """text_blind_layers changes no parameter, so init_from loads either way; a mismatch is how a text-blind fine-tune
+    starts and, by mistake, a silent change of the model: the trainer names both settings."""
+    from tests.generator_fixtures import tiny_generator_config
+    from unimm.trainer import GeneratorTrainer
+
+    tokenizer, text_model, _ = generator_parts
+    data = str(shapes / "t2i" / "train")
+    blind = tiny_generator_config(tokenizer, text_model, data, tmp_path / "blind", steps=1)
+    blind.model.text_blind_layers = 1
+    GeneratorTrainer(blind).train()
+    capsys.readouterr()
+    GeneratorTrainer(tiny_generator_config(tokenizer, text_model, data, tmp_path / "plain", steps=1, init_from=str(tmp_path / "blind")))
+    assert "was trained with model.text_blind_layers=1, this run uses 0" in capsys.readouterr().out
+    same = tiny_generator_config(tokenizer, text_model, data, tmp_path / "same", steps=1, init_from=str(tmp_path / "blind"))
+    same.model.text_blind_layers = 1
+    GeneratorTrainer(same)
+    assert "text_blind_layers" not in capsys.readouterr().out

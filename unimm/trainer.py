@@ -142,7 +142,15 @@ class GeneratorTrainer:
             if (candidate / CONFIG_FILE).is_file():
                 from unimm.models.generator import ZERO_INITIALISED_PREFIXES
 
-                loaded = UnimmGenerator.from_pretrained(candidate).state_dict()
+                source_model = UnimmGenerator.from_pretrained(candidate)
+                loaded = source_model.state_dict()
+                # text_blind_layers changes what the weights compute without changing a single parameter, so a
+                # mismatch loads cleanly; it is how a text-blind fine-tune starts, and by mistake it is a silent
+                # change of the model, so say it.
+                source_blind, own_blind = source_model.config.text_blind_layers, model.config.text_blind_layers
+                if source_blind != own_blind and self.is_main:
+                    print(f"note: train.init_from='{source}' was trained with model.text_blind_layers={source_blind}, this run "
+                          f"uses {own_blind} (set model.text_blind_layers={source_blind} to keep its behaviour)", flush=True)
                 own = model.state_dict()
                 # A part this model adds that starts at zero (text_summary) leaves the loaded model's predictions as they were.
                 missing = [name for name in own if name not in loaded and not name.startswith(ZERO_INITIALISED_PREFIXES)]
