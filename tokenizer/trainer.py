@@ -92,10 +92,12 @@ def stage_plan(config: TokenizerTrainingConfig) -> list[StagePlan]:
         "gae": config.loss.semantic_preservation_weight > 0 and model.encoder.role != "none",
         "reals": config.loss.alignment_weight > 0 and model.encoder.role != "none",
     }.get(model.family, False)
+    # RAE's latent is the frozen encoder's features: with nothing to learn before the latent, detaching is harmless
+    # (unless a stage trains the encoder).
+    latent_is_frozen_features = (model.encoder.role == "backbone" and model.family != "psvae"
+                                 and model.latent.bottleneck != "gaussian")
     for stage in plan:  # a bad schedule (e.g. cooldown_steps longer than a stage) fails now, not when the stage starts
-        # RAE's latent is the frozen encoder's features: with nothing to learn before the latent, detaching is harmless.
-        latent_is_learned = (model.encoder.role != "backbone" or model.family == "psvae"
-                             or model.latent.bottleneck == "gaussian" or stage.config.train_encoder)
+        latent_is_learned = not latent_is_frozen_features or stage.config.train_encoder
         if stage.config.detach_pixel_latent and stage.name != "decoder" and latent_is_learned and not latent_has_semantic_loss:
             raise UserError(
                 f"train.{stage.name}.detach_pixel_latent is on, but no semantic loss reaches this {model.family} model's "
